@@ -1,0 +1,141 @@
+"""The ``compress`` pillar's public API: ``methods()``, ``compressed_cache(...)``, ``compress(...)``.
+
+>>> cache = infercache.compressed_cache(model, "snapkv", budget=0.25)
+>>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+>>> cache.nbytes(), cache.lengths()
+
+>>> with infercache.compress(model, "h2o", budget=256):
+...     out = model.generate(**inputs, max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+
+import torch
+
+from .cache.attention import ATTN_NAME, register
+from .cache.budget import Budget
+from .cache.compressed_cache import CompressedCache
+from .cache.engine import CompressionEngine
+from .policies import POLICIES, Policy, get_policy
+
+ENGINE_OPTIONS = ("page_size", "sink_tokens", "recent_tokens", "decode_budget", "compress_every")
+
+
+def methods() -> list[str]:
+    """Names accepted by :func:`compressed_cache` and :func:`compress`."""
+    return list(POLICIES)
+
+
+class UnsupportedModelError(ValueError):
+    """Raised for a model the compressed cache cannot serve (encoder-decoder, no per-layer attention, ...)."""
+
+
+def _check_model(model) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        raise UnsupportedModelError("infercache needs a Hugging Face transformers model (with a .config)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model; infercache compresses decoder-only causal LMs"
+        )
+    if not any(hasattr(m, "layer_idx") and hasattr(m, "config") for m in model.modules()):
+        raise UnsupportedModelError(f"{type(model).__name__} has no attention modules with a layer_idx")
+
+
+def _rotary(model):
+    """``rotary(layer_idx, positions [B, T]) -> (cos, sin)`` from the model's own rotary embedding."""
+    emb = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
+    if emb is None:
+        return None
+    takes_type = "layer_type" in inspect.signature(emb.forward).parameters
+    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+    dtype = next(model.parameters()).dtype
+
+    def rotary(layer_idx: int, positions: torch.Tensor):
+        dummy = torch.zeros(1, dtype=torch.float32, device=positions.device)
+        if takes_type:
+            return emb(dummy, positions, layer_types[layer_idx] if layer_types else "full_attention")
+        return emb(dummy, positions)
+
+    del dtype
+    return rotary
+
+
+def use_infercache_attention(model) -> str | None:
+    """Switch ``model`` to the ``infercache`` attention function; returns the previous implementation."""
+    register()
+    previous = model.config._attn_implementation
+    if previous != ATTN_NAME:
+        model.set_attn_implementation(ATTN_NAME)
+    return previous
+
+
+def compressed_cache(model, method: str | Policy = "snapkv", budget: float | int = 0.5, **options) -> CompressedCache:
+    """A transformers ``Cache`` that compresses ``model``'s KV cache with ``method`` at ``budget``.
+
+    ``budget``: a float in (0, 1] is the fraction of context tokens kept; an int is the number of tokens kept
+    (per KV head; per-layer / per-head methods keep that many on average). Engine options: ``page_size``
+    (16), ``sink_tokens`` / ``recent_tokens`` (0: extra protected entries for any scorer), ``decode_budget``
+    (bound the cache while decoding; methods that evict while decoding default to their prefill budget),
+    ``compress_every`` (re-score every N decode steps). Other options go to the method (e.g. ``window``,
+    ``kernel``, ``pooling``, ``gqa_reduce``, ``alpha``, ``scorer``).
+
+    The model's attention implementation is switched to ``"infercache"`` (transformers' sdpa for every layer
+    the cache does not own, so plain use of the model is unchanged).
+    """
+    _check_model(model)
+    engine_opts = {k: options.pop(k) for k in list(options) if k in ENGINE_OPTIONS}
+    policy = get_policy(method, **options)
+    parsed = Budget.parse(budget)
+    text_config = model.config.get_text_config(decoder=True)
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, _ = get_layer_types_and_kwargs(text_config)
+    compressed = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+    engine = CompressionEngine(
+        policy,
+        parsed,
+        num_layers=len(layer_types),
+        compressed_layers=compressed,
+        rotary=_rotary(model),
+        **engine_opts,
+    )
+    use_infercache_attention(model)
+    return CompressedCache(model.config, engine)
+
+
+@contextlib.contextmanager
+def compress(model, method: str | Policy = "snapkv", budget: float | int = 0.5, **options):
+    """Within the block, ``model.generate`` uses a fresh compressed cache per call (unless one is passed).
+
+    Yields a handle whose ``.last_cache`` is the cache of the latest call (for ``nbytes()``/``lengths()``).
+    The model's previous attention implementation is restored on exit.
+    """
+    get_policy(method, **{k: v for k, v in options.items() if k not in ENGINE_OPTIONS})  # validate early
+    Budget.parse(budget)
+    previous = use_infercache_attention(model)
+    handle = _Handle()
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
+            kwargs["cache"] = compressed_cache(model, method, budget, **dict(options))
+            handle.last_cache = kwargs["cache"]
+        return original(*args, **kwargs)
+
+    model.generate = generate
+    try:
+        yield handle
+    finally:
+        del model.generate
+        if previous and previous != ATTN_NAME:
+            model.set_attn_implementation(previous)
+
+
+class _Handle:
+    last_cache: CompressedCache | None = None
