@@ -1,0 +1,231 @@
+"""The ``infercache`` command: ``models list|prepare``, ``methods``, ``run``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def parse_budget(text: str) -> float | int:
+    """``"0.25"`` -> fraction kept; ``"256"`` -> tokens kept."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a ratio like 0.25 or a token count like 256, got {text!r}")
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    line = "  ".join(c.ljust(widths[c]) for c in columns)
+    sep = "  ".join("-" * widths[c] for c in columns)
+    body = ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def cmd_models(args) -> int:
+    from . import models
+
+    if args.action == "list":
+        rows = models.list_models()
+        for r in rows:
+            r["prepared"] = "yes" if r["prepared"] else "no"
+            r["context"] = f"{r['context']:,}"
+        print(_table(rows, ["name", "architecture", "params", "context", "license", "source", "prepared"]))
+        print(
+            "\nsmollm2-135m and gemma3-270m are dequantized from 4-bit GGUF weights (real trained models, not the "
+            "bf16 originals).\nstories260k is optional: it is read from the project's shared/models/stories260K "
+            "folder (or $INFERCACHE_STORIES260K) once, then cached.\ntiny-random-* are random-init: mechanics "
+            "tests only, never quality."
+        )
+        return 0
+    for name in args.names or []:
+        start = time.perf_counter()
+        path = models.prepare(name, force=args.force)
+        took = time.perf_counter() - start
+        print(f"{name}: {'built in code, nothing to prepare' if path is None else path} ({took:.1f} s)")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .policies import POLICIES
+
+    for name, cls in POLICIES.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:20s} {doc}")
+    return 0
+
+
+def generate_once(model, tokenizer, input_ids, *, method, budget, max_new_tokens, **options) -> dict:
+    """One greedy generation with a full (``method=None``) or compressed cache; bytes, timings, text."""
+    import torch
+    from transformers import DynamicCache
+
+    from . import compressed_cache
+
+    cache = DynamicCache(config=model.config) if method is None else compressed_cache(model, method, budget, **options)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, cache=cache,
+                             pad_token_id=tokenizer.pad_token_id)
+    seconds = time.perf_counter() - start
+    new = out[0, input_ids.shape[1] :]
+    if method is None:
+        nbytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None)
+        lengths = None
+    else:
+        nbytes = cache.nbytes()
+        lengths = [None if t is None else t.tolist() for t in cache.lengths()]
+    return {
+        "method": method or "full (DynamicCache)",
+        "budget": budget if method else "-",
+        "cache_bytes": nbytes,
+        "seconds": round(seconds, 2),
+        "new_tokens": int(new.numel()),
+        "text": tokenizer.decode(new, skip_special_tokens=True).strip(),
+        "lengths": lengths,
+    }
+
+
+def _load(args):
+    import torch
+
+    from .models import load
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _chat_ids(tokenizer, prompt: str, answer_prefix: str = ""):
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return tokenizer(text + answer_prefix, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(prompt + answer_prefix, return_tensors="pt").input_ids
+
+
+def cmd_run(args) -> int:
+    if args.prompt_file:
+        prompt = Path(args.prompt_file).read_text()
+    elif args.prompt:
+        prompt = args.prompt
+    else:
+        raise SystemExit("infercache run: give --prompt TEXT or --prompt-file FILE")
+    model, tokenizer = _load(args)
+    ids = _chat_ids(tokenizer, prompt).to(args.device)
+    print(f"model {args.model}: prompt of {ids.shape[1]} tokens, {args.max_new_tokens} new tokens, greedy\n")
+    rows = [generate_once(model, tokenizer, ids, method=None, budget=None, max_new_tokens=args.max_new_tokens)]
+    rows.append(generate_once(model, tokenizer, ids, method=args.method, budget=args.budget,
+                              max_new_tokens=args.max_new_tokens))
+    _print_rows(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _print_rows(rows: list[dict]) -> None:
+    full = rows[0]["cache_bytes"]
+    table = [
+        {"cache": r["method"], "budget": r["budget"], "KV bytes held": _mib(r["cache_bytes"]),
+         "vs full": f"{r['cache_bytes'] / full:.1%}", "seconds": r["seconds"]}
+        for r in rows
+    ]
+    print(_table(table, ["cache", "budget", "KV bytes held", "vs full", "seconds"]))
+    for r in rows:
+        print(f"\n[{r['method']} {r['budget']}] {r['text']}")
+
+
+DEMO_FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+
+
+def demo_prompt(tokenizer, n_tokens: int = 1000, key: int = 68293, depth: float = 0.4) -> str:
+    """A passkey-retrieval prompt of about ``n_tokens`` tokens with the key at ``depth``."""
+    sentences = DEMO_FILLER.split(". ")
+    text = []
+    while len(tokenizer(" ".join(text)).input_ids) < n_tokens:
+        text += [s.strip().rstrip(".") + "." for s in sentences if s.strip()]
+    text.insert(int(len(text) * depth), f"The pass key is {key}. Remember it. {key} is the pass key.")
+    return ("There is a pass key hidden in this text. Find it and memorize it.\n\n" + " ".join(text)
+            + "\n\nWhat is the pass key?")
+
+
+def cmd_demo(args) -> int:
+    model, tokenizer = _load(args)
+    key = 68293
+    ids = _chat_ids(tokenizer, demo_prompt(tokenizer, args.tokens, key), "The pass key is").to(args.device)
+    print(f"infercache demo: {args.model}, a {ids.shape[1]}-token passkey prompt (key {key}), greedy, "
+          f"{args.max_new_tokens} new tokens\n")
+    rows = [generate_once(model, tokenizer, ids, method=None, budget=None, max_new_tokens=args.max_new_tokens)]
+    for method in args.methods.split(","):
+        rows.append(generate_once(model, tokenizer, ids, method=method, budget=args.budget,
+                                  max_new_tokens=args.max_new_tokens))
+    _print_rows(rows)
+    found = [r["method"] for r in rows if str(key) in r["text"]]
+    print(f"\nretrieved the pass key: {', '.join(found) if found else 'none'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infercache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list or prepare the reference models")
+    p.add_argument("action", choices=["list", "prepare"])
+    p.add_argument("names", nargs="*", help="models to prepare")
+    p.add_argument("--force", action="store_true", help="convert again even if prepared")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("methods", help="list the KV compression methods")
+    p.set_defaults(func=cmd_methods)
+
+    def model_opts(p, default_model="smollm2-135m"):
+        p.add_argument("--model", default=default_model)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+        p.add_argument("--max-new-tokens", type=int, default=24)
+
+    p = sub.add_parser("run", help="generate with and without a compressed KV cache; print memory and output")
+    model_opts(p)
+    p.add_argument("--method", default="snapkv")
+    p.add_argument("--budget", type=parse_budget, default=0.25, help="fraction kept (0.25) or tokens kept (256)")
+    p.add_argument("--prompt")
+    p.add_argument("--prompt-file")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="the README's main job: a passkey prompt, full vs compressed caches")
+    model_opts(p)
+    p.add_argument("--methods", default="snapkv,streaming_llm")
+    p.add_argument("--budget", type=parse_budget, default=0.25)
+    p.add_argument("--tokens", type=int, default=1000)
+    p.set_defaults(func=cmd_demo, max_new_tokens=12)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .models import ModelNotAvailableError, UnknownModelError
+    from .policies import UnknownMethodError
+
+    try:
+        return args.func(args)
+    except (UnknownModelError, ModelNotAvailableError, UnknownMethodError, ValueError) as err:
+        print(f"infercache: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
