@@ -3,8 +3,10 @@
 Cai et al. 2024, "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling",
 https://arxiv.org/abs/2406.02069. With ``B`` the average capacity per layer (including the window ``w``),
 ``N`` compressed layers and ``beta=20``: ``min = (B-w)//beta``, ``max = 2(B-w) - min`` (clamped to
-``L-w``, then ``min = 2(B-w) - max``), ``step = (max-min)//(N-1)``, layer ``l`` keeps ``max - l*step``
-scored entries plus the window. Prompts shorter than ``2(B-w)`` fall back to uniform SnapKV, as in the
+``L-w``, then ``min = 2(B-w) - max``), ``step = (max-min)/(N-1)``, layer ``l`` keeps
+``round(max - l*step)`` scored entries plus the window. The authors' code floors ``step``, which leaves the
+last layer above ``min`` and the average above the budget (by 12.5 tokens at B=128, N=30); we keep the
+paper's intent, an arithmetic schedule whose average is the budget. Prompts shorter than ``2(B-w)`` fall back to uniform SnapKV, as in the
 authors' code. Defaults follow their LongBench runner: ``window=8``, ``kernel=7``, ``pooling="max"``.
 Unlike kvpress, the unequal layer lengths are real and survive later multi-token forwards.
 """
@@ -31,8 +33,8 @@ def pyramid_capacity(avg: int, window: int, length: int, rank: int, num_layers: 
     if hi >= length - window:
         hi = length - window
         lo = 2 * base - hi
-    step = (hi - lo) // (num_layers - 1)
-    return max(1, min(length, hi - rank * step + window))
+    step = (hi - lo) / (num_layers - 1)  # the authors' code floors this; see the module docstring
+    return max(1, min(length, round(hi - rank * step) + window))
 
 
 @dataclass
