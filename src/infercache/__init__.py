@@ -4,9 +4,9 @@ Pillars: ``compress`` (KV-cache compression policies), ``reuse`` (prefix/chunk K
 ``stream`` (bounded memory for endless streams), ``diffusion`` (step-level feature caching) and ``bench``.
 """
 
-from .compress import UnsupportedModelError, compress, compressed_cache, methods
+from .compress import PROTOCOLS, UnsupportedModelError, compress, compressed_cache, generate, methods
 from .policies import UnknownMethodError
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "compressed_cache", "methods", "UnknownMethodError", "UnsupportedModelError", "__version__"]
+__all__ = ["PROTOCOLS", "compress", "compressed_cache", "generate", "methods", "UnknownMethodError", "UnsupportedModelError", "__version__"]

@@ -139,3 +139,35 @@ def compress(model, method: str | Policy = "snapkv", budget: float | int = 0.5, 
 
 class _Handle:
     last_cache: CompressedCache | None = None
+
+
+PROTOCOLS = ("question_aware", "question_agnostic")
+
+
+def generate(model, context_ids, question_ids=None, *, method="snapkv", budget=0.5,
+             protocol: str = "question_agnostic", **kwargs):
+    """Generate an answer under a labelled compression protocol; returns ``(output_ids, cache)``.
+
+    * ``question_agnostic``: the context alone is prefilled and compressed, then the question is appended
+      (a multi-token forward over the compressed cache) and the answer generated. The compression cannot
+      see the question, as when one cached document serves many questions (kvpress's protocol).
+    * ``question_aware``: context and question are prefilled together and compressed at once, so scorers
+      with an observation window see the question (the SnapKV/PyramidKV/AdaKV papers' protocol).
+
+    ``kwargs`` go to ``model.generate`` (``max_new_tokens``, ``attention_mask`` is not supported here: one
+    unpadded sequence per call) and to the cache (engine and method options, see :func:`compressed_cache`).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    gen_keys = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "eos_token_id",
+                "pad_token_id", "stop_strings", "tokenizer"}
+    gen_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in gen_keys}
+    gen_kwargs.setdefault("do_sample", False)
+    cache = compressed_cache(model, method, budget, **kwargs)
+    full_ids = context_ids if question_ids is None else torch.cat([context_ids, question_ids], dim=-1)
+    if protocol == "question_agnostic" and question_ids is not None:
+        with torch.no_grad():
+            model(context_ids, cache=cache, use_cache=True)
+    with torch.no_grad():
+        out = model.generate(full_ids, cache=cache, **gen_kwargs)
+    return out, cache

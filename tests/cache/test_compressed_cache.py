@@ -203,3 +203,29 @@ def test_unsupported_architecture_is_refused():
     model = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50))
     with pytest.raises(infercache.UnsupportedModelError, match="encoder-decoder"):
         infercache.compressed_cache(model, "snapkv", budget=0.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_protocols_at_full_budget_match_plain_generate(tiny, arch):
+    model, _ = tiny(arch)
+    context, question = _prompt(90, seed=7), _prompt(12, seed=8)
+    ref = model.generate(torch.cat([context, question], -1), max_new_tokens=10, do_sample=False)
+    for protocol in infercache.PROTOCOLS:
+        out, cache = infercache.generate(model, context, question, method="snapkv", budget=1.0,
+                                         protocol=protocol, max_new_tokens=10)
+        assert torch.equal(out, ref), protocol
+        assert cache.get_seq_length() == 90 + 12 + 9
+
+
+def test_question_agnostic_compresses_before_the_question(tiny):
+    model, _ = tiny("llama")
+    context, question = _prompt(100, seed=7), _prompt(10, seed=8)
+    _, agnostic = infercache.generate(model, context, question, method="snapkv", budget=40, window=8,
+                                      protocol="question_agnostic", max_new_tokens=3)
+    _, aware = infercache.generate(model, context, question, method="snapkv", budget=40, window=8,
+                                   protocol="question_aware", max_new_tokens=3)
+    # agnostic: 40 kept from the context, then the 10 question tokens and 2 fed-back tokens appended
+    assert all(int(t.max()) == 40 + 10 + 2 for t in agnostic.lengths() if t is not None)
+    assert all(int(t.max()) == 40 + 2 for t in aware.lengths() if t is not None)
+    with pytest.raises(ValueError, match="protocol"):
+        infercache.generate(model, context, question, protocol="oracle")
