@@ -229,3 +229,23 @@ def test_question_agnostic_compresses_before_the_question(tiny):
     assert all(int(t.max()) == 40 + 2 for t in aware.lengths() if t is not None)
     with pytest.raises(ValueError, match="protocol"):
         infercache.generate(model, context, question, protocol="oracle")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "adakv", "expected_attention"])
+def test_half_precision_storage_and_identity(method, dtype):
+    from infercache.models import load
+
+    model, _ = load("tiny-random-llama", dtype=dtype)
+    ids = _prompt(64)
+    budget = 200 if method in EVICTING else 1.0
+    ref = _logits_steps(model, ids, DynamicCache(config=model.config), steps=3)
+    got = _logits_steps(model, ids, infercache.compressed_cache(model, method, budget=budget), steps=3)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+    cache = infercache.compressed_cache(model, method, budget=24, page_size=8)
+    model.generate(ids, max_new_tokens=4, do_sample=False, cache=cache)
+    layer = cache.layers[0]
+    assert layer.store.pools["k"].dtype == dtype
+    kept = sum(int(((t + 7) // 8).sum()) * 8 for t in cache.lengths())
+    assert cache.nbytes() == kept * model.config.head_dim * 2 * 2
