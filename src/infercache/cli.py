@@ -40,7 +40,7 @@ def cmd_models(args) -> int:
         rows = models.list_models()
         for r in rows:
             r["prepared"] = "yes" if r["prepared"] else "no"
-            r["context"] = f"{r['context']:,}"
+            r["context"] = f"{r['context']:,}" if isinstance(r["context"], int) else r["context"]
         print(_table(rows, ["name", "architecture", "params", "context", "license", "source", "prepared"]))
         print(
             "\nsmollm2-135m and gemma3-270m are dequantized from 4-bit GGUF weights (real trained models, not the "
@@ -53,7 +53,7 @@ def cmd_models(args) -> int:
         start = time.perf_counter()
         path = models.prepare(name, force=args.force)
         took = time.perf_counter() - start
-        print(f"{name}: {'built in code, nothing to prepare' if path is None else path} ({took:.1f} s)")
+        print(f"{name}: {'nothing to prepare (built in code or bundled)' if path is None else path} ({took:.1f} s)")
     return 0
 
 

@@ -115,3 +115,10 @@ def test_prepare_is_done_once(monkeypatch):
     monkeypatch.setattr("infercache.models.convert.gguf_to_hf", lambda *a, **k: calls.append(a))
     models.load("smollm2-135m")
     assert calls == []
+
+
+def test_bundled_dit_digits_is_registered_and_loads():
+    transformer, scheduler = models.load("dit-digits")
+    assert type(transformer).__name__ == "DiTTransformer2DModel"
+    assert hasattr(scheduler, "set_timesteps")
+    assert {r["name"]: r for r in models.list_models()}["dit-digits"]["source"] == "bundled"

@@ -52,7 +52,7 @@ def model_dir(name: str) -> Path:
 
 def is_prepared(name: str) -> bool:
     spec = get_spec(name)
-    if spec.source == "tiny-random":
+    if spec.source in ("tiny-random", "bundled"):
         return True
     return (model_dir(name) / "config.json").exists()
 
@@ -65,7 +65,7 @@ def prepare(name: str, *, force: bool = False) -> Path | None:
     from . import convert, weights
 
     spec = get_spec(name)
-    if spec.source == "tiny-random":
+    if spec.source in ("tiny-random", "bundled"):
         return None
     out = model_dir(name)
     if is_prepared(name) and not force:
@@ -107,9 +107,15 @@ def load(name: str, *, device: str | torch.device = "cpu", dtype="float32", attn
     """Load a registered model and its tokenizer: ``(model, tokenizer)``, model in eval mode.
 
     Real models are prepared on first use (a one-off conversion); later loads read safetensors.
+    Bundled diffusion models return ``(transformer, scheduler)`` instead.
     """
     spec = get_spec(name)
     dtype = _resolve_dtype(dtype)
+    if name == "dit-digits":
+        from ..diffusion.models import load_dit_digits
+
+        transformer, scheduler = load_dit_digits(dtype=dtype)
+        return transformer.to(device).eval(), scheduler
     if spec.source == "tiny-random":
         model, tokenizer = build_tiny(name.removeprefix("tiny-random-"), dtype=dtype)
     else:
@@ -139,7 +145,7 @@ def list_models() -> list[dict]:
                     "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM",
                     "gemma3": "Gemma3ForCausalLM"}[spec.name.removeprefix("tiny-random-")]
         rows.append({
-            "name": spec.name, "architecture": arch, "params": spec.params, "context": spec.context,
+            "name": spec.name, "architecture": arch, "params": spec.params, "context": spec.context or "-",
             "license": spec.license, "source": spec.source, "prepared": is_prepared(spec.name),
             "description": spec.description,
         })

