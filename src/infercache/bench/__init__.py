@@ -1,0 +1,1 @@
+"""The measuring stick: task generators (``bench.tasks``), fidelity metrics (``bench.metrics``)."""
