@@ -176,6 +176,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_profile_heads(args) -> int:
+    from .policies.razor_heads import default_profile_path, plot_profile, profile_heads
+
+    model, _ = _load(args)
+    profile = profile_heads(model, segment=args.segment, repeats=args.repeats)
+    path = Path(args.out) if args.out else default_profile_path(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(profile, indent=1))
+    hkv = profile["num_kv_heads"]
+    retrieval = {tuple(x) for x in profile["retrieval_heads"]}
+    print(f"RazorAttention head profile of {args.model}: segment {profile['segment']} x {profile['repeats']}, "
+          f"{len(retrieval)} of {len(profile['layers']) * hkv} KV heads are retrieval heads (R)\n")
+    print("layer  " + "  ".join(f"head {h:<2d}       " for h in range(hkv)))
+    for i, layer in enumerate(profile["layers"]):
+        cells = [f"{'R' if (layer, h) in retrieval else ' '} ind {profile['induction'][i][h]:.3f} "
+                 f"echo {profile['echo'][i][h]:.3f}" for h in range(hkv)]
+        print(f"{layer:5d}  " + "  ".join(cells))
+    png = plot_profile(profile, path.with_suffix(".png"))
+    print(f"\nsaved {path} and {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("profile-heads", help="RazorAttention: find a model's retrieval heads, save and plot them")
+    model_opts(p)
+    p.add_argument("model_name", nargs="?", help="model name (same as --model)")
+    p.add_argument("--segment", type=int, default=None, help="random segment length (authors: 2500)")
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--out", help="JSON path (default: next to the converted model)")
+    p.set_defaults(func=cmd_profile_heads)
+
     p = sub.add_parser("demo", help="the README's main job: a passkey prompt, full vs compressed caches")
     model_opts(p)
     p.add_argument("--methods", default="snapkv,streaming_llm")
@@ -217,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "model_name", None):
+        args.model = args.model_name
     from .models import ModelNotAvailableError, UnknownModelError
     from .policies import UnknownMethodError
 

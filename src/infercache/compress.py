@@ -104,6 +104,7 @@ def compressed_cache(model, method: str | Policy = "snapkv", budget: float | int
         rotary=_rotary(model),
         **engine_opts,
     )
+    policy.prepare(model)
     use_infercache_attention(model)
     return CompressedCache(model.config, engine)
 

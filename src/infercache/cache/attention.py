@@ -56,16 +56,20 @@ def infercache_attention(module, query, key, value, attention_mask, dropout: flo
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         layer.engine.compress_prefill(layer, module, query, attention_mask, scaling, kwargs.get("position_ids"))
         return out
-    out = ragged_attention(module, query, key, value, layer.last_old, dropout, scaling, **kwargs)
+    out = ragged_attention(module, query, key, value, layer.last_old, dropout, scaling, bias=layer.last_bias, **kwargs)
     layer.engine.after_forward(layer, module, query, key, scaling)
     return out
 
 
-def ragged_attention(module, query, key, value, old_lengths, dropout, scaling, **kwargs):
-    """Attention of ``q`` new tokens over a ragged cache: ``[B, Hkv, L]`` slots, ``old + q`` real per head."""
+def ragged_attention(module, query, key, value, old_lengths, dropout, scaling, bias=None, **kwargs):
+    """Attention of ``q`` new tokens over a ragged cache: ``[B, Hkv, L]`` slots, ``old + q`` real per head.
+
+    ``bias`` ``[B, Hkv, L]`` is an optional per-entry logit offset (e.g. RazorAttention's compensation
+    token counts ``|D|`` times: ``+ln|D|``).
+    """
     b, h, q, _ = query.shape
     hkv, length = key.shape[1], key.shape[2]
-    if bool((old_lengths == old_lengths.flatten()[0]).all()):
+    if bias is None and bool((old_lengths == old_lengths.flatten()[0]).all()):
         old = int(old_lengths.flatten()[0])
         if old + q == length and q == 1:
             mask = None  # every slot is real: exactly transformers' decode path
@@ -74,6 +78,9 @@ def ragged_attention(module, query, key, value, old_lengths, dropout, scaling, *
             mask = (idx[None, :] <= old + torch.arange(q, device=query.device)[:, None])[None, None]
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     mask = head_mask(old_lengths.to(query.device), q, length)  # [B, Hkv, q, L]
+    if bias is not None:
+        bias = bias.to(device=query.device, dtype=query.dtype)[:, :, None, :].expand(b, hkv, q, length)
+        mask = torch.where(mask, bias, torch.full_like(bias, float("-inf")))
     g = h // hkv
     mask = mask[:, :, None].expand(b, hkv, g, q, length).reshape(b, h, q, length)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=g > 1)

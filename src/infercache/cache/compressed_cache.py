@@ -32,11 +32,13 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0
         self.pending = None
         self.last_old = None
+        self.last_bias = None
         self.capacity = None
         self.query_buffer = None
         self.steps_since = 0
         self.next_position = None
         self.prefill_lengths = None
+        self.prefill_kept = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -58,8 +60,10 @@ class CompressedLayer(CacheLayerMixin):
             mark_update(self, key_states)
             return key_states, value_states
         self.store.append({"k": key_states, "v": value_states})
-        chans, _ = self.store.gather(("k", "v"))
+        names = ("k", "v", "bias") if "bias" in self.store.pools else ("k", "v")
+        chans, _ = self.store.gather(names)
         self.last_old = self.store.lengths - q
+        self.last_bias = chans.get("bias")
         mark_update(self, chans["k"])
         return chans["k"], chans["v"]
 

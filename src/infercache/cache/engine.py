@@ -84,6 +84,7 @@ class CompressionEngine:
         return protect(scores, ctx.valid, first=self.sink_tokens, last=recent.to(scores.device))
 
     # ------------------------------------------------------------------ prefill
+    @torch.no_grad()
     def compress_prefill(self, layer, module, query, attention_mask, scaling, position_ids) -> None:
         import time
 
@@ -110,15 +111,24 @@ class CompressionEngine:
             if policy.needs_decode_attention:
                 scores = policy.score(ctx).float()
         else:
-            scores = self._scores(ctx, capacity[:, None].expand(b, hkv))
-            head_caps = policy.head_capacities(scores, capacity, ctx).cpu()
-            keep, head_caps = select(scores, valid, head_caps)
+            shared = policy.shared_selection(ctx)
+            if shared is not None:  # e.g. WindowKV: a group leader's indices reused by its group
+                keep, head_caps = shared
+            else:
+                scores = self._scores(ctx, capacity[:, None].expand(b, hkv))
+                head_caps = policy.head_capacities(scores, capacity, ctx).cpu()
+                keep, head_caps = select(scores, valid, head_caps)
+                policy.remember_selection(ctx, keep, head_caps)
             if policy.needs_decode_attention:
                 scores = policy.score(ctx).float()  # raw running statistic, without protection boosts
+            merged = policy.merge(ctx, keep, head_caps)  # merging methods rewrite kept entries
+            if merged:
+                channels.update(merged)
         if policy.needs_decode_attention:
             channels["acc"] = scores
         layer.store = RaggedStore.from_dense(channels, keep, head_caps, self.page_size)
         layer.prefill_lengths = lengths
+        layer.prefill_kept = head_caps.clone()
         if self.evict_while_decoding:
             if self.decode_budget is not None:
                 layer.capacity = torch.full((b, hkv), self.decode_budget, dtype=torch.long)
@@ -136,6 +146,7 @@ class CompressionEngine:
         self.prefill_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ decode
+    @torch.no_grad()
     def after_forward(self, layer, module, query, keys, scaling) -> None:
         """Bookkeeping after attention over the ragged cache: statistics, query buffer, eviction."""
         policy = self.policy
@@ -149,6 +160,9 @@ class CompressionEngine:
             buf = torch.cat([layer.query_buffer, query.detach()], dim=2)
             layer.query_buffer = buf[:, :, -policy.window :]
         layer.steps_since += 1
+        if policy.capacity_tracks_seen and self.budget.ratio is not None:
+            # the cache is kept at `ratio` of the tokens seen so far (Elastic Cache's rule)
+            layer.capacity = torch.full_like(layer.capacity, max(1, int(self.budget.ratio * layer.seen)))
         over = layer.store.lengths - layer.capacity
         if int(over.max()) >= self.compress_every or (layer.steps_since >= self.compress_every and int(over.max()) > 0):
             self._evict(layer, module, scaling)
@@ -174,7 +188,7 @@ class CompressionEngine:
     def _evict(self, layer, module, scaling) -> None:
         store = layer.store
         chans, valid = store.gather()
-        stats = {"next_position": layer.next_position}
+        stats = {"next_position": layer.next_position, "prefill_kept": layer.prefill_kept}
         if "acc" in chans:
             stats["acc"] = chans["acc"]
         ctx = self._context(layer, chans["k"], chans["v"], valid.to(chans["k"].device), layer.query_buffer, scaling,

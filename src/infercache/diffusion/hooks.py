@@ -8,7 +8,14 @@ Hooks (``diffusers.hooks.ModelHook`` with ``new_forward``, registered by name in
 * for ``level="blocks"`` policies, **block hooks**: block 0 records the head input when ``head_blocks > 0``; the
   *entry* block (index ``head_blocks``) probes, decides and, on a skip, returns the reused stack output; the blocks
   after it pass their input through while skipping; the *exit* (last) block records the stack's input/output on a
-  computed step.
+  computed step;
+* for ``level="partial"`` policies (ProfilingDiT), a **partial block hook** on every block: block 0 decides; on a
+  skipped step the blocks of a cached span pass their input through, and the span's last block adds the span's
+  recorded residual, while every other block computes; on a computed step each span's input and output are
+  recorded;
+* for policies with ``scheduler_hook`` (ERTACache), the **scheduler's** ``step`` is wrapped: an instance attribute
+  that calls the class method, then hands ``(sample, prev_sample)`` to the policy. ``disable_cache`` deletes the
+  attribute, so ``scheduler.step`` is the class method again.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.utils import BaseOutput
 
 from .blocks import arg_index, find_blocks, get_arg, slice_batch
 from .config import CacheConfig
@@ -28,6 +36,7 @@ from .stats import CallStats
 STEP_HOOK = "infercache_diffusion_step"
 BLOCK_HOOK = "infercache_diffusion_block"
 SESSION_ATTR = "_infercache_diffusion_cache"
+SCHEDULER_ATTR = "_infercache_diffusion_scheduler"
 
 
 class StepHook(ModelHook):
@@ -115,6 +124,50 @@ class BlockHook(ModelHook):
         return out
 
 
+class PartialBlockHook(ModelHook):
+    """On block ``index`` of the stack for ``level="partial"`` policies (per-span reuse, ProfilingDiT)."""
+
+    def __init__(self, session: CacheSession, index: int, span: tuple[int, bool, bool] | None) -> None:
+        super().__init__()
+        self.session = session
+        self.index = index
+        self.span = span  # (span index, is the span's first block, is its last block) or None (always computed)
+        self._x_index = 0
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._x_index = arg_index(module, "hidden_states", 0)
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        s, frame = self.session, self.session.frame
+        original = self.fn_ref.original_forward
+        if frame is None:
+            return original(*args, **kwargs)
+        h = get_arg(args, kwargs, "hidden_states", self._x_index)
+        if not frame.decided:
+            s.decide(
+                frame,
+                lambda sl: ProbeInput(
+                    x=slice_batch(h, sl, frame.batch),
+                    block=module,
+                    args=slice_batch(args, sl, frame.batch),
+                    kwargs=slice_batch(kwargs, sl, frame.batch),
+                    transformer=s.transformer,
+                ),
+            )
+        if self.span is None:
+            return original(*args, **kwargs)
+        span, first, last = self.span
+        if frame.skipping:
+            return s.reuse_span_all(frame, span, h) if last else h
+        if first:
+            frame.span_inputs[span] = h
+        out = original(*args, **kwargs)
+        if last:
+            s.record_span_all(frame, span, frame.span_inputs.pop(span), _check_tensor(out, module))
+        return out
+
+
 def _check_tensor(out: Any, module: torch.nn.Module) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise NotImplementedError(
@@ -183,6 +236,56 @@ def _unregister(module: torch.nn.Module, name: str) -> None:
         del module._diffusers_hook
 
 
+def _rebuild_step_output(out: Any, prev: torch.Tensor) -> Any:
+    if isinstance(out, tuple):
+        return (prev, *out[1:])
+    if isinstance(out, BaseOutput):
+        return type(out)(**{**out, "prev_sample": prev})
+    if isinstance(out, torch.Tensor):
+        return prev
+    raise TypeError(f"cannot adjust a scheduler output of type {type(out).__name__}")
+
+
+def _prev_sample(out: Any) -> torch.Tensor:
+    if isinstance(out, tuple):
+        return out[0]
+    if isinstance(out, torch.Tensor):
+        return out
+    prev = getattr(out, "prev_sample", None)
+    if not isinstance(prev, torch.Tensor):
+        raise TypeError(f"cannot find prev_sample in a scheduler output of type {type(out).__name__}")
+    return prev
+
+
+def wrap_scheduler(scheduler: Any, session: CacheSession) -> None:
+    """Make ``scheduler.step`` call the class method, then let the session's policy adjust ``prev_sample``."""
+    if scheduler is None:
+        raise ValueError(
+            f"{session.policy.name} adjusts the scheduler step: pass scheduler=... to enable_cache (or a pipeline)"
+        )
+    if hasattr(scheduler, SCHEDULER_ATTR) or "step" in vars(scheduler):
+        raise RuntimeError("this scheduler's step is already wrapped (another cache uses it); disable that first")
+    original = type(scheduler).step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        out = original(scheduler, *args, **kwargs)
+        sample = kwargs["sample"] if "sample" in kwargs else args[2]
+        prev = _prev_sample(out)
+        new = session.scheduler_step(sample, prev)
+        return out if new is prev else _rebuild_step_output(out, new)
+
+    step.__wrapped__ = original  # type: ignore[attr-defined]
+    scheduler.step = step
+    setattr(scheduler, SCHEDULER_ATTR, session)
+
+
+def unwrap_scheduler(scheduler: Any) -> None:
+    if scheduler is None or not hasattr(scheduler, SCHEDULER_ATTR):
+        return
+    vars(scheduler).pop("step", None)
+    delattr(scheduler, SCHEDULER_ATTR)
+
+
 def _invalidate(module: torch.nn.Module) -> None:
     # diffusers >= 0.42 caches child registries (diffusers#14037); older versions have no such cache.
     registry = getattr(module, "_diffusers_hook", None)
@@ -202,7 +305,8 @@ def enable_cache(
 
     ``policy`` is a registered name (see :func:`policies`) with its options as keywords, or a config object
     (e.g. ``EasyCacheConfig(threshold=0.1)``). ``scheduler`` (taken from the pipeline when given one) lets the
-    cache read the number of inference steps. Returns the :class:`CacheSession`
+    cache read the number of inference steps; policies that adjust the sampler step (``ertacache``) wrap its
+    ``step`` method until ``disable_cache``. Returns the :class:`CacheSession`
     (``session.stats`` / ``cache_stats(model)`` describe the last calls).
     """
     transformer, pipe_scheduler = _resolve(pipe_or_transformer)
@@ -215,7 +319,7 @@ def enable_cache(
         raise RuntimeError("a diffusers cache is enabled on this model; call transformer.disable_cache() first")
     pol = make_policy(policy, config)
     blocks = None
-    if pol.level == "blocks":
+    if pol.level in ("blocks", "partial"):
         _, blocks = find_blocks(transformer, pol.config.blocks)
         if len(blocks) <= pol.head_blocks:
             raise ValueError(
@@ -223,8 +327,17 @@ def enable_cache(
             )
     pol.setup(transformer, blocks)
     session = CacheSession(transformer, pol, blocks, scheduler if scheduler is not None else pipe_scheduler)
+    if pol.scheduler_hook:
+        wrap_scheduler(session.scheduler, session)
     _register(transformer, StepHook(session), STEP_HOOK)
-    if blocks is not None:
+    if pol.level == "partial":
+        where: dict[int, tuple[int, bool, bool]] = {}
+        for j, (first, last) in enumerate(pol.spans):
+            for b in range(first, last + 1):
+                where[b] = (j, b == first, b == last)
+        for i, block in enumerate(blocks):
+            _register(block, PartialBlockHook(session, i, where.get(i)), BLOCK_HOOK)
+    elif blocks is not None:
         k, last = pol.head_blocks, len(blocks) - 1
         if k > 0:
             _register(blocks[0], BlockHook(session, "head-input"), BLOCK_HOOK)
@@ -243,6 +356,8 @@ def disable_cache(pipe_or_transformer: Any) -> bool:
     if session is None:
         return False
     session.reset()
+    if session.policy.scheduler_hook:
+        unwrap_scheduler(session.scheduler)
     if session.blocks is not None:
         for block in session.blocks:
             _unregister(block, BLOCK_HOOK)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ class Frame:
     skipping: bool = False
     stack_input: torch.Tensor | None = None
     head_input: torch.Tensor | None = None
+    span_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # level="partial"
 
     def info(self, branch: str) -> StepInfo:
         return StepInfo(self.step, self.num_steps, self.timestep, branch)
@@ -57,6 +58,10 @@ class CacheSession:
         self.frame: Frame | None = None
         self.num_steps_hint: int | None = None
         self._template: Any = None
+        #: Trajectories started since the cache was enabled (the index of the current one is ``trajectories - 1``).
+        self.trajectories = 0
+        #: ``(step, skipped)`` of the latest decision, consumed by the scheduler hook.
+        self.last_decision: tuple[int, bool] | None = None
 
     # -- trajectory bookkeeping ------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -64,6 +69,7 @@ class CacheSession:
         self.states.clear()
         self.tracker.reset()
         self._template = None
+        self.last_decision = None
 
     def begin_call(self, num_inference_steps: int | None = None) -> None:
         self.tracker.request_new()
@@ -87,6 +93,7 @@ class CacheSession:
     def _new_trajectory(self) -> None:
         self.states.clear()
         self._template = None
+        self.trajectories += 1
         n = self._resolve_num_steps()
         self.num_steps_hint = None
         self.tracker.num_steps = n
@@ -143,6 +150,7 @@ class CacheSession:
             stats.add(name, skip_all, reason if skip == skip_all else "cfg-sync")
         frame.decided = True
         frame.skipping = skip_all
+        self.last_decision = (frame.step, skip_all)
         return skip_all
 
     def reuse_all(self, frame: Frame, x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +168,31 @@ class CacheSession:
                 slice_batch(x_out, sl, frame.batch).detach(),
                 frame.info(name),
             )
+
+    # -- partial level (ProfilingDiT): one span of cached blocks at a time -----------------------------------------
+    def reuse_span_all(self, frame: Frame, span: int, x: torch.Tensor) -> torch.Tensor:
+        parts = [
+            self.policy.reuse_span(self.states[name], span, slice_batch(x, sl, frame.batch), frame.info(name))
+            for name, sl in frame.branches
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def record_span_all(self, frame: Frame, span: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        for name, sl in frame.branches:
+            self.policy.record_span(
+                self.states[name],
+                span,
+                slice_batch(x_in, sl, frame.batch).detach(),
+                slice_batch(x_out, sl, frame.batch).detach(),
+                frame.info(name),
+            )
+
+    # -- scheduler hook (ERTACache): called by the wrapped ``scheduler.step`` --------------------------------------
+    def scheduler_step(self, sample: torch.Tensor, prev_sample: torch.Tensor) -> torch.Tensor:
+        decision, self.last_decision = self.last_decision, None
+        if decision is None:  # no model call since the last step (or a reset): nothing to adjust
+            return prev_sample
+        return self.policy.scheduler_step(self, decision[0], decision[1], sample, prev_sample)
 
     # -- model level (EasyCache): the whole transformer call is replaced on a skip -------------------------------
     def run_model_level(self, frame: Frame, x: torch.Tensor, call: Callable[[], Any], return_dict: Any) -> Any:

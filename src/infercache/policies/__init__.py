@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from .adakv import AdaKV
 from .base import Policy, ScoreContext
+from .dapq import DapQ
+from .elastic import ElasticCache
 from .expected_attention import ExpectedAttention
 from .full import Full
 from .h2o import H2O
 from .knorm import KNorm
 from .pyramidkv import PyramidKV
 from .random import Random
+from .razor import RazorAttention
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
+from .windowkv import WindowKV
 
 POLICIES: dict[str, type[Policy]] = {
     "full": Full,
@@ -25,6 +29,10 @@ POLICIES: dict[str, type[Policy]] = {
     "adakv": AdaKV,
     "knorm": KNorm,
     "expected_attention": ExpectedAttention,
+    "razor": RazorAttention,
+    "windowkv": WindowKV,
+    "dapq": DapQ,
+    "elastic": ElasticCache,
 }
 
 

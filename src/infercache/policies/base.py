@@ -110,6 +110,23 @@ class Policy:
     shared_across_heads: bool = False  # one index set per layer (TOVA), broadcast to every KV head
     skip_layers: tuple[int, ...] = ()  # layers the policy leaves uncompressed
 
+    def prepare(self, model) -> None:
+        """Called once with the model when a cache is built (e.g. RazorAttention loads its head profile)."""
+
+    capacity_tracks_seen: bool = False  # while decoding, capacity = ratio x tokens seen (Elastic Cache)
+
+    def shared_selection(self, ctx: ScoreContext):
+        """A selection ``(keep, counts)`` reused from another layer, or None to score this one (WindowKV)."""
+        return None
+
+    def remember_selection(self, ctx: ScoreContext, keep: torch.Tensor, counts: torch.Tensor) -> None:
+        """Called with each layer's selection (for methods that share indices across layers)."""
+
+    def merge(self, ctx: ScoreContext, keep: torch.Tensor, counts: torch.Tensor) -> dict | None:
+        """Merging methods return dense replacement channels ``{"k", "v"[, "bias"]}`` ``[B, Hkv, L, ...]``
+        whose kept entries hold the merged values; ``bias`` is a per-entry attention-logit offset."""
+        return None
+
     def recent_to_protect(self, capacity: int) -> int:
         """How many newest entries the policy itself protects at a given capacity (H2O's recent half)."""
         return 0

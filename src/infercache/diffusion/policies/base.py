@@ -12,7 +12,12 @@ cache; :meth:`CachePolicy.propose` applies the guards and the threshold identica
 
 ``level = "blocks"``: the decision is taken when the hidden states enter the block stack (after
 ``head_blocks`` always-computed blocks) and the reuse replaces the rest of the stack; embedding and output
-head always run. ``level = "model"``: the decision replaces the whole transformer call.
+head always run. ``level = "model"``: the decision replaces the whole transformer call. ``level = "partial"``
+(ProfilingDiT): the decision is taken at block 0; on a skip only the policy's cached *spans* of blocks
+(``spans``, contiguous block ranges) reuse their recorded residual, and every other block computes.
+
+Policies that also act on the sampler (ERTACache's timestep adjustment) set ``scheduler_hook = True``: the cache
+then wraps the scheduler's ``step`` (see ``hooks.py``) and calls :meth:`CachePolicy.scheduler_step` after it.
 """
 
 from __future__ import annotations
@@ -68,8 +73,11 @@ class CachePolicy:
     name: ClassVar[str] = "base"
     config_class: ClassVar[type[CacheConfig]] = CacheConfig
     state_class: ClassVar[type[BranchState]] = BranchState
-    level: ClassVar[Literal["model", "blocks"]] = "blocks"
+    level: ClassVar[Literal["model", "blocks", "partial"]] = "blocks"
     accumulate: ClassVar[bool] = True
+    #: Whether the policy needs the scheduler's ``step`` wrapped (``scheduler_step`` is then called); a policy may
+    #: set it per instance.
+    scheduler_hook: ClassVar[bool] = False
 
     def __init__(self, config: CacheConfig) -> None:
         if not isinstance(config, self.config_class):
@@ -115,6 +123,33 @@ class CachePolicy:
 
     def on_model_output(self, state: BranchState, x: torch.Tensor, out: torch.Tensor, step: StepInfo) -> None:
         """Called with the model input and output after every transformer call (``level="blocks"``)."""
+
+    # -- level="partial": cached spans of blocks -------------------------------------------------------------
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """Inclusive ``(first, last)`` block ranges whose residual is reused on a skipped step."""
+        return []
+
+    def reuse_span(self, state: BranchState, span: int, x: torch.Tensor, step: StepInfo) -> torch.Tensor:
+        """Output of cached span ``span`` (an index into ``spans``) from its input ``x``."""
+        raise NotImplementedError
+
+    def record_span(
+        self, state: BranchState, span: int, x_in: torch.Tensor, x_out: torch.Tensor, step: StepInfo
+    ) -> None:
+        """Called on a computed step with the input and output of span ``span``."""
+        raise NotImplementedError
+
+    # -- scheduler_hook=True: after the sampler's step -------------------------------------------------------
+    def scheduler_step(
+        self, session: Any, step: int, skipped: bool, sample: torch.Tensor, prev_sample: torch.Tensor
+    ) -> torch.Tensor:
+        """The sample the scheduler step returns (default: ``prev_sample`` unchanged).
+
+        ``step`` / ``skipped``: the step index and the decision of the model call(s) that produced the model
+        output; ``sample``: the scheduler's input latent; ``prev_sample``: what the original step computed.
+        """
+        return prev_sample
 
     # -- the shared gate -------------------------------------------------------------------------------------
     def propose(self, state: BranchState, probe: Any, step: StepInfo) -> tuple[bool, str, float]:
