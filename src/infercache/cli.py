@@ -144,38 +144,6 @@ def _print_rows(rows: list[dict]) -> None:
         print(f"\n[{r['method']} {r['budget']}] {r['text']}")
 
 
-DEMO_FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-)
-
-
-def demo_prompt(tokenizer, n_tokens: int = 1000, key: int = 68293, depth: float = 0.4) -> str:
-    """A passkey-retrieval prompt of about ``n_tokens`` tokens with the key at ``depth``."""
-    sentences = DEMO_FILLER.split(". ")
-    text = []
-    while len(tokenizer(" ".join(text)).input_ids) < n_tokens:
-        text += [s.strip().rstrip(".") + "." for s in sentences if s.strip()]
-    text.insert(int(len(text) * depth), f"The pass key is {key}. Remember it. {key} is the pass key.")
-    return ("There is a pass key hidden in this text. Find it and memorize it.\n\n" + " ".join(text)
-            + "\n\nWhat is the pass key?")
-
-
-def cmd_demo(args) -> int:
-    model, tokenizer = _load(args)
-    key = 68293
-    ids = _chat_ids(tokenizer, demo_prompt(tokenizer, args.tokens, key), "The pass key is").to(args.device)
-    print(f"infercache demo: {args.model}, a {ids.shape[1]}-token passkey prompt (key {key}), greedy, "
-          f"{args.max_new_tokens} new tokens\n")
-    rows = [generate_once(model, tokenizer, ids, method=None, budget=None, max_new_tokens=args.max_new_tokens)]
-    for method in args.methods.split(","):
-        rows.append(generate_once(model, tokenizer, ids, method=method, budget=args.budget,
-                                  max_new_tokens=args.max_new_tokens))
-    _print_rows(rows)
-    found = [r["method"] for r in rows if str(key) in r["text"]]
-    print(f"\nretrieved the pass key: {', '.join(found) if found else 'none'}")
-    return 0
-
-
 def cmd_profile_heads(args) -> int:
     from .policies.razor_heads import default_profile_path, plot_profile, profile_heads
 
@@ -195,6 +163,31 @@ def cmd_profile_heads(args) -> int:
         print(f"{layer:5d}  " + "  ".join(cells))
     png = plot_profile(profile, path.with_suffix(".png"))
     print(f"\nsaved {path} and {png}")
+    return 0
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_bench(args) -> int:
+    from .bench.report import write_report
+    from .bench.runner import BenchConfig, run_bench, run_meta
+
+    protocols = ["question_aware", "question_agnostic"] if args.protocol == "both" else [args.protocol]
+    config = BenchConfig(
+        model=args.model, methods=_csv(args.methods), budgets=[parse_budget(b) for b in _csv(args.budgets)],
+        tasks=_csv(args.tasks), lengths=[int(x) for x in _csv(args.lengths)], samples=args.samples,
+        protocols=protocols, seed=args.seed, fidelity=args.fidelity, peers=_csv(args.peers) if args.peers else [],
+        threads=args.threads or 1, device=args.device, dtype=args.dtype,
+    )
+    out = Path(args.out)
+    records = run_bench(config, out)
+    meta = {"model": args.model, **run_meta(config)}
+    write_report(records, meta, out)
+    print((out / "results.md").read_text())
+    print(f"per-sample results: {out / 'samples.jsonl'}\nplots: {out / 'score_vs_budget.png'}, "
+          f"{out / 'needle_heatmap.png'}\nreport: {out / 'report.html'}")
     return 0
 
 
@@ -235,12 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON path (default: next to the converted model)")
     p.set_defaults(func=cmd_profile_heads)
 
-    p = sub.add_parser("demo", help="the README's main job: a passkey prompt, full vs compressed caches")
+    p = sub.add_parser("bench", help="quality, memory and speed of methods side by side on offline tasks")
     model_opts(p)
-    p.add_argument("--methods", default="snapkv,streaming_llm")
-    p.add_argument("--budget", type=parse_budget, default=0.25)
-    p.add_argument("--tokens", type=int, default=1000)
-    p.set_defaults(func=cmd_demo, max_new_tokens=12)
+    p.add_argument("--methods", default="snapkv,streaming_llm,h2o")
+    p.add_argument("--budgets", default="0.25", help="comma-separated ratios (0.25) or token counts (256)")
+    p.add_argument("--tasks", default="niah_single")
+    p.add_argument("--lengths", default="1024")
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--protocol", default="question_aware", choices=["question_aware", "question_agnostic", "both"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fidelity", action="store_true", help="also KL / top-1 / greedy match vs the full cache")
+    p.add_argument("--peers", default="", help="kvpress: run kvpress 0.5.5 on the same inputs (own venv)")
+    p.add_argument("--out", default="runs/bench", help="run folder (resumes: finished samples are skipped)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the README's main job: a short bench on the default model")
+    model_opts(p)
+    p.set_defaults(func=cmd_bench, methods="snapkv,adakv,streaming_llm", budgets="0.25", tasks="niah_single",
+                   lengths="1024", samples=3, protocol="question_aware", seed=0, fidelity=False, peers="",
+                   out="runs/demo", threads=1)
     return parser
 
 
