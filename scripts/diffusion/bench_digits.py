@@ -6,8 +6,12 @@ For each policy at 2-3 settings: sample a fixed batch (100 digits, labels ``i % 
 CFG 2.0 as one batched call) and compare with the uncached samples of the same seed: steps computed / total,
 wall and CPU time (best of ``--repeats``, each cached run paired with an uncached run right before it, since
 the machine is shared), speed-up, PSNR and MSE on ``[-1, 1]`` images, and the accuracy of a
-logistic-regression digit classifier trained on ``load_digits``. TeaCache's polynomial and MagCache's ratios
-are calibrated first on *other* seeds and labels (``--calib-runs`` runs), never on the evaluated batch.
+logistic-regression digit classifier trained on ``load_digits``. TeaCache's polynomial, MagCache's ratios,
+ProfilingDiT's block profile and ERTACache's schedules are calibrated first on *other* seeds and labels
+(``--calib-runs`` runs), never on the evaluated batch. "blocks run" counts the transformer blocks that really ran
+(self-attention calls, one untimed extra run) relative to the uncached model: FBCache's head block and
+ProfilingDiT's foreground blocks run on skipped steps too. The ProfilingDiT profile and the ERTACache schedule
+(threshold 0.2) are written next to the JSON output (``--artifacts``).
 """
 
 from __future__ import annotations
@@ -27,17 +31,22 @@ torch.set_num_threads(1)
 
 from infercache.diffusion import (  # noqa: E402
     cache_stats,
+    calibrate_ertacache,
     calibrate_magcache,
     calibrate_teacache,
     disable_cache,
     enable_cache,
     load_dit_digits,
+    profile_blocks,
     sample,
 )
 from infercache.diffusion.quality import digit_accuracy, mse, psnr  # noqa: E402
 
 
-def settings(coeffs: list[float], ratios: dict[str, list[float]]) -> list[tuple[str, dict[str, Any]]]:
+def settings(
+    coeffs: list[float], ratios: dict[str, list[float]], profile: Any, schedules: dict[float, Any], scheduler: Any
+) -> list[tuple[str, dict[str, Any]]]:
+    prof = dict(warmup_steps=3)
     return [
         ("easycache", dict(threshold=0.05)),
         ("easycache", dict(threshold=0.1)),
@@ -54,12 +63,31 @@ def settings(coeffs: list[float], ratios: dict[str, list[float]]) -> list[tuple[
         ("taylorseer", dict(cache_interval=2)),
         ("taylorseer", dict(cache_interval=3)),
         ("taylorseer", dict(cache_interval=5)),
+        ("profiling_dit", dict(profile=profile, step_interval=3, **prof)),
+        ("profiling_dit", dict(profile=profile.relabel(background_ratio=0.5), step_interval=3, **prof)),
+        ("profiling_dit", dict(profile=profile.relabel(background_ratio=0.5), step_interval=6, **prof)),
+        ("ertacache", dict(schedule=schedules[0.1], scheduler=scheduler)),
+        ("ertacache", dict(schedule=schedules[0.2], scheduler=scheduler)),
+        ("ertacache", dict(schedule=schedules[0.3], scheduler=scheduler)),
+        ("ertacache", dict(schedule=schedules[0.2], rectify=False, adjust_timestep=False)),
     ]
 
 
+HIDDEN = ("coefficients", "mag_ratios", "scheduler")
+
+
+def shown_config(policy: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    shown = {k: v for k, v in cfg.items() if k not in HIDDEN}
+    if "profile" in shown:
+        p = shown.pop("profile")
+        shown = {"background": p.background_blocks, **shown}
+    if "schedule" in shown:
+        shown = {"threshold": shown.pop("schedule").threshold, **shown}
+    return shown
+
+
 def label(policy: str, cfg: dict[str, Any]) -> str:
-    shown = {k: v for k, v in cfg.items() if k not in ("coefficients", "mag_ratios")}
-    return policy + " " + ",".join(f"{k}={v}" for k, v in shown.items())
+    return policy + " " + ",".join(f"{k}={v}".replace(" ", "") for k, v in shown_config(policy, cfg).items())
 
 
 def main() -> None:
@@ -71,6 +99,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--calib-runs", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--artifacts", type=Path, default=None, help="folder for the profile and schedule JSON")
     args = p.parse_args()
 
     transformer, scheduler = load_dit_digits()
@@ -100,19 +129,50 @@ def main() -> None:
             best[2], best[3] = min(best[2], w), min(best[3], c)
         return out, st, best
 
+    def blocks_run(policy: str, cfg: dict[str, Any]) -> int:
+        """Self-attention calls in all blocks during one run (untimed)."""
+        calls = [0]
+        handles = [
+            b.attn1.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+            for b in transformer.transformer_blocks
+        ]
+        try:
+            if policy != "none":
+                enable_cache(transformer, policy, **cfg)
+            run()
+        finally:
+            if policy != "none":
+                disable_cache(transformer)
+            for h in handles:
+                h.remove()
+        return calls[0]
+
     calib_labels = torch.randint(0, 10, (args.num_samples,), generator=torch.Generator().manual_seed(999))
     calib = lambda: [run(1000 + i, calib_labels) for i in range(args.calib_runs)]  # noqa: E731
+    t0 = time.perf_counter()
     coeffs = calibrate_teacache(transformer, calib, degree=4)
+    t1 = time.perf_counter()
     ratios = calibrate_magcache(transformer, calib)
+    t2 = time.perf_counter()
+    profile = profile_blocks(transformer, calib)
+    t3 = time.perf_counter()
+    schedules = {th: calibrate_ertacache(transformer, calib, th, scheduler=scheduler) for th in (0.1, 0.2, 0.3)}
+    t4 = time.perf_counter()
+    calib_seconds = dict(teacache=t1 - t0, magcache=t2 - t1, profiling_dit=t3 - t2, ertacache_each=(t4 - t3) / 3)
+    if args.artifacts:
+        args.artifacts.mkdir(parents=True, exist_ok=True)
+        profile.save(args.artifacts / "profiling_dit_dit_digits.json")
+        schedules[0.2].save(args.artifacts / "ertacache_dit_digits_20steps.json")
+    full_blocks = blocks_run("none", {})
 
     ref = run()
     acc_ref = digit_accuracy(ref, labels)
     rows = []
     ref_wall = ref_cpu = float("inf")
-    for policy, cfg in settings(coeffs, ratios):
+    for policy, cfg in settings(coeffs, ratios, profile, schedules, scheduler):
         out, st, (w0, c0, w1, c1) = timed_pair(policy, cfg)
         ref_wall, ref_cpu = min(ref_wall, w0), min(ref_cpu, c0)
-        shown = {k: v for k, v in cfg.items() if k not in ("coefficients", "mag_ratios")}
+        shown = shown_config(policy, cfg)
         rows.append(
             dict(
                 setting=label(policy, cfg),
@@ -130,6 +190,7 @@ def main() -> None:
                 mse=mse(out, ref),
                 accuracy=digit_accuracy(out, labels),
                 skip_mask=st.skip_mask["cond"],
+                blocks_run=blocks_run(policy, cfg) / full_blocks,
             )
         )
     rows.insert(
@@ -147,16 +208,22 @@ def main() -> None:
             psnr=None,
             mse=0.0,
             accuracy=acc_ref,
+            skip_mask=[False] * args.steps,
+            blocks_run=1.0,
         ),
     )
 
-    print("| setting | steps computed | wall s | speed-up (wall) | speed-up (CPU time) | PSNR dB | MSE | digit acc |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| setting | steps computed | mask | blocks run | wall s | speed-up (wall) | speed-up (CPU time) "
+        "| PSNR dB | MSE | digit acc |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ps = "ref" if r["psnr"] is None else f"{r['psnr']:.2f}"
+        mask = "".join("." if m else "C" for m in r["skip_mask"])
         print(
-            f"| {r['setting']} | {r['computed']}/{r['total']} | {r['seconds']:.2f} | {r['speedup']:.2f}x "
-            f"| {r['cpu_speedup']:.2f}x | {ps} | {r['mse']:.1e} | {r['accuracy']:.2f} |"
+            f"| {r['setting']} | {r['computed']}/{r['total']} | `{mask}` | {r['blocks_run']:.2f} | {r['seconds']:.2f} "
+            f"| {r['speedup']:.2f}x | {r['cpu_speedup']:.2f}x | {ps} | {r['mse']:.1e} | {r['accuracy']:.2f} |"
         )
     result = dict(
         date=dt.date.today().isoformat(),
@@ -177,7 +244,13 @@ def main() -> None:
             repeats=args.repeats,
             calib_runs=args.calib_runs,
         ),
-        calibration=dict(teacache_coefficients=coeffs, mag_ratios=ratios),
+        calibration=dict(
+            teacache_coefficients=coeffs,
+            mag_ratios=ratios,
+            profiling_dit=dict(preference=profile.preference, background_blocks=profile.background_blocks),
+            ertacache={str(k): dict(mask=v.mask(), phi=v.phi) for k, v in schedules.items()},
+            seconds=calib_seconds,
+        ),
         results=rows,
     )
     if args.out:

@@ -2,7 +2,7 @@
 
 import torch
 
-from infercache.diffusion import sample
+from infercache.diffusion import ErtaSchedule, sample
 
 NUM_STEPS = 12
 LABELS = torch.arange(6) % 10
@@ -36,6 +36,8 @@ NO_SKIP = {
     "magcache": dict(threshold=0.0, mag_ratios=[1.0] * NUM_STEPS),
     "first_block_cache": dict(threshold=0.0),
     "taylorseer": dict(cache_interval=1),
+    "profiling_dit": dict(background_blocks=[0, 1, 2, 3], step_interval=1, warmup_steps=0),
+    "ertacache": dict(schedule=ErtaSchedule.fixed([False] * NUM_STEPS), adjust_timestep=False),
 }
 AGGRESSIVE = {
     "easycache": dict(threshold=100.0),
@@ -43,4 +45,7 @@ AGGRESSIVE = {
     "magcache": dict(threshold=100.0, mag_ratios=[1.0] * NUM_STEPS, max_consecutive_skips=None),
     "first_block_cache": dict(threshold=100.0),
     "taylorseer": dict(cache_interval=100),
+    # every block cached, so a partial step skips the whole stack (the guard tests count the last block's runs)
+    "profiling_dit": dict(background_blocks=[0, 1, 2, 3], step_interval=100, warmup_steps=1),
+    "ertacache": dict(schedule=ErtaSchedule.fixed([False] + [True] * (NUM_STEPS - 1)), adjust_timestep=False),
 }

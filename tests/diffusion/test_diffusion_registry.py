@@ -3,7 +3,7 @@ import pytest
 from infercache.diffusion import EasyCacheConfig, enable_cache, get_policy, policies
 from infercache.diffusion.config import CacheConfig
 
-BUILTIN = {"easycache", "teacache", "magcache", "first_block_cache", "taylorseer"}
+BUILTIN = {"easycache", "teacache", "magcache", "first_block_cache", "taylorseer", "profiling_dit", "ertacache"}
 
 
 def test_policies_lists_builtins():
@@ -45,3 +45,15 @@ def test_magcache_requires_ratios(model):
     transformer, _ = model
     with pytest.raises(ValueError, match="calibrate_magcache"):
         enable_cache(transformer, "magcache")
+
+
+def test_new_policies_require_their_inputs(model):
+    transformer, _ = model
+    with pytest.raises(ValueError, match="background_blocks"):
+        enable_cache(transformer, "profiling_dit")
+    with pytest.raises(ValueError, match="exactly one"):
+        enable_cache(transformer, "profiling_dit", background_blocks=[1], foreground_blocks=[0])
+    with pytest.raises(ValueError, match="out of range"):
+        enable_cache(transformer, "profiling_dit", background_blocks=[7])
+    with pytest.raises(ValueError, match="calibrate_ertacache"):
+        enable_cache(transformer, "ertacache")

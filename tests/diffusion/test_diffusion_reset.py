@@ -4,7 +4,7 @@ import pytest
 import torch
 from dit_helpers import manual_loop, run
 
-from infercache.diffusion import cache_stats, disable_cache, enable_cache
+from infercache.diffusion import ErtaSchedule, cache_stats, disable_cache, enable_cache
 from infercache.diffusion.tracker import TrajectoryTracker
 
 # No warm-up, so that a stale cache from the previous call could be reused at step 0.
@@ -14,6 +14,8 @@ SETTINGS = {
     "magcache": dict(threshold=0.3, mag_ratios=[1.01] * 12, warmup_ratio=None),
     "first_block_cache": dict(threshold=0.3),
     "taylorseer": dict(cache_interval=3, warmup_steps=0),
+    "profiling_dit": dict(background_blocks=[1, 2], step_interval=3, warmup_steps=0),
+    "ertacache": dict(schedule=ErtaSchedule.fixed([False] + [True, True, False] * 3 + [True, True])),
 }
 OTHER = torch.tensor([7, 3, 3, 9, 0, 1])
 

@@ -8,7 +8,8 @@
 
 Policies: ``easycache``, ``teacache``, ``magcache``, ``first_block_cache``, ``taylorseer``, ``profiling_dit``,
 ``ertacache`` (see ``policies()``).
-Reference model: ``load_dit_digits()`` + ``sample(...)``. Docs: ``docs/diffusion.md``.
+Reference model: ``load_dit_digits()`` + ``sample(...)``. Autoregressive video KV cache (sink / compressed mid /
+recent, shared across denoising steps): ``infercache.diffusion.video``. Docs: ``docs/diffusion.md``.
 """
 
 from .calibration import (

@@ -25,6 +25,7 @@ from .policies.base import BranchState, CachePolicy, StepInfo
 from .policies.ertacache import ErtaSchedule, add_sums, build_schedule, channel_sums, pair_key
 
 logger = logging.getLogger(__name__)
+_NOT_DETERMINISTIC = "the second calibration pass made other calls than the first: run() must be deterministic"
 
 
 @dataclass
@@ -100,11 +101,11 @@ class _PhiFitter:
     def __call__(self, session: Any, step: int, sample: torch.Tensor, prev_sample: torch.Tensor) -> float:
         traj = session.trajectories - 1
         if traj >= len(self.reference) or step >= len(self.reference[traj]):
-            raise RuntimeError("the second calibration pass made other calls than the first: run() must be deterministic")
+            raise RuntimeError(_NOT_DETERMINISTIC)
         target = self.reference[traj][step].double() - sample.double()
         delta = prev_sample.double() - sample.double()
         if target.shape != delta.shape:
-            raise RuntimeError("the second calibration pass made other calls than the first: run() must be deterministic")
+            raise RuntimeError(_NOT_DETERMINISTIC)
         num, den = float((target * delta).sum()), float((delta * delta).sum())
         self.num[step] += num
         self.den[step] += den
@@ -122,11 +123,20 @@ class _PhiFitter:
 
 
 def profile_ertacache(
-    pipe_or_transformer: Any, run: Callable[[], Any], *, scheduler: Any = None, max_gap: int = 8
+    pipe_or_transformer: Any,
+    run: Callable[[], Any],
+    *,
+    scheduler: Any = None,
+    max_gap: int = 8,
+    record_states: bool = True,
 ) -> tuple[dict[str, dict[str, dict[str, list[float]]]], list[list[torch.Tensor]], int]:
-    """First pass: ``(pair statistics per branch, reference sampler states per run, number of steps)``."""
+    """First pass: ``(pair statistics per branch, reference sampler states per run, number of steps)``.
+
+    The reference states (needed to fit ``phi``) are recorded by wrapping the scheduler when ``record_states``.
+    """
     _, pipe_scheduler = _resolve(pipe_or_transformer)
     recorder = _ErtaRecorder(_RecorderConfig(max_gap=max_gap))
+    recorder.scheduler_hook = record_states
     enable_cache(pipe_or_transformer, recorder, scheduler=scheduler if scheduler is not None else pipe_scheduler)
     try:
         run()
@@ -160,12 +170,15 @@ def calibrate_ertacache(
     sched = scheduler if scheduler is not None else pipe_scheduler
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    stats, reference, n = profile_ertacache(pipe_or_transformer, run, scheduler=sched, max_gap=max_gap)
+    stats, reference, n = profile_ertacache(
+        pipe_or_transformer, run, scheduler=sched, max_gap=max_gap, record_states=adjust_timestep
+    )
     schedule = build_schedule(
         stats, n, threshold, rectify=rectify, warmup_steps=warmup_steps, last_steps=last_steps,
         max_consecutive_skips=max_consecutive_skips,
     )  # fmt: skip
-    schedule.meta.update(calibration_runs=len(reference), max_gap=max_gap, phi_range=list(phi_range))
+    runs = len(reference) if adjust_timestep else None
+    schedule.meta.update(calibration_runs=runs, max_gap=max_gap, phi_range=list(phi_range))
     if adjust_timestep and any(schedule.skip):
         fitter = _PhiFitter(reference, n, phi_range)
         session = enable_cache(pipe_or_transformer, "ertacache", schedule=schedule, rectify=rectify, scheduler=sched)

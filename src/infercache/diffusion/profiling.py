@@ -20,9 +20,9 @@ choices (each one a keyword argument):
 * **Preference** of block ``b``: the mean attention mass on foreground keys divided by the mean foreground
   area fraction (1.0 = no preference, > 1 = foreground-focused), pooled over samples, trajectories and the
   profiled steps (default: every step).
-* **Labels**: by default a block is background when its preference is at most the mean preference of all
+* **Labels**: by default a block is background when its preference is below the mean preference of all
   blocks (relative: on ``dit-digits`` every block attends to the digit's ink more than to its area, so an absolute
-  rule would find no background block). ``threshold=t``: background iff preference ``<= t`` (``t = 1.0`` is the
+  rule would find no background block). ``threshold=t``: background iff preference ``< t`` (``t = 1.0`` is the
   literal "prefers the background"). ``background_ratio=r``: the ``round(r * num_blocks)`` blocks with the lowest
   preference (the Wan2.1 list caches 28 of 40 blocks, ``r = 0.7``).
 """
@@ -137,7 +137,7 @@ def label_blocks(
         background = sorted(order[:k])
     else:
         t = threshold if threshold is not None else sum(preference) / max(n, 1)
-        background = [b for b in range(n) if preference[b] <= t]
+        background = [b for b in range(n) if preference[b] < t]
     foreground = [b for b in range(n) if b not in background]
     return foreground, background
 

@@ -26,9 +26,12 @@ choice** (marked *choice*):
 
 Schedules are :class:`ErtaSchedule` objects, saved and reloaded as JSON (``save`` / ``load``). Options:
 ``schedule`` (required: an ``ErtaSchedule``, its dict or a JSON path), ``rectify`` and ``adjust_timestep`` (both
-on; ``adjust_timestep=True`` needs the scheduler). Guards at run time default to none (``warmup_steps=0``, ``last_steps=0``): they were applied when the
-schedule was built; guards given here still apply on top. A schedule built with ``threshold=0`` reuses nothing, so
-the output is bit-identical to the uncached model.
+on; ``adjust_timestep=True`` needs the scheduler). Guards at run time default to none (``warmup_steps=0``,
+``last_steps=0``): they were applied when the schedule was built; guards given here still apply on top. When a
+guard or a CFG branch makes the run time differ from the schedule, a reused step still gets the rectification of
+its actual pair ``(k, i)`` (if profiled) but ``phi = 1``. A schedule built with ``threshold=0`` reuses nothing, so
+the output is bit-identical to the uncached model. The paper's parts we could not check: how the schedule is
+searched (greedy here), the error measure, the form of the linear model, and how ``phi`` is computed.
 """
 
 from __future__ import annotations

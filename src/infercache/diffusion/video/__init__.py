@@ -1,0 +1,18 @@
+"""Autoregressive video diffusion: a sink / compressed-mid / recent KV cache shared across denoising steps, a tiny
+causal video transformer to exercise it, and a moving-digits clip generator (see ``docs/diffusion.md``)."""
+
+from .kv_cache import ARCacheConfig, ARVideoKVCache, Segment, max_cache_tokens
+from .model import CausalVideoDiT, generate_video, rope
+from .moving_digits import MovingDigits, moving_digits
+
+__all__ = [
+    "ARCacheConfig",
+    "ARVideoKVCache",
+    "CausalVideoDiT",
+    "MovingDigits",
+    "Segment",
+    "generate_video",
+    "max_cache_tokens",
+    "moving_digits",
+    "rope",
+]
