@@ -52,21 +52,25 @@ class SegmentStatsObserver:
                  kwargs: dict[str, Any]) -> None:
         rows = self.rows if self.rows is not None else torch.arange(query.shape[2])
         scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        groups = query.shape[1] // key.shape[1]
-        keys = key[0].float().repeat_interleave(groups, dim=0)  # [Hq, N, D]
+        kv_heads = key.shape[1]
+        groups = query.shape[1] // kv_heads
         for target in self.targets.values():
             inside = (rows >= target.start) & (rows < target.end)
             if not bool(inside.any()):
                 continue
             local = inside.nonzero().flatten()
-            tokens = rows[local]
-            q = query[0][:, local].float()  # [Hq, n, D]
-            scores = q @ keys[:, : target.end].transpose(1, 2) * scaling  # keys after the segment are never visible
-            visible = torch.arange(target.end)[None, :] <= tokens[:, None]
-            probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).mean(0)  # [n, end]
-            target.inter.append([float(probs[:, s:e].sum()) for s, e in target.earlier])
-            target.intra.append(float(probs[:, target.start:].sum()))
-            outside = probs[:, : target.start].sum(-1)
+            tokens = rows[local].to("cpu")
+            n = local.numel()
+            # queries grouped by their KV head: [H_kv, groups * n, D] against that head's keys [H_kv, D, end]
+            q = query[0][:, local].float().reshape(kv_heads, groups * n, -1)
+            scores = torch.bmm(q, key[0, :, : target.end].float().transpose(1, 2)).mul_(scaling)
+            hidden = torch.arange(target.start, target.end)[None, :] > tokens[:, None]  # causal, inside the segment
+            scores[..., target.start:].masked_fill_(hidden.repeat(groups, 1).to(q.device), float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            heads = kv_heads * groups
+            target.inter.append([float(probs[..., s:e].sum()) / heads for s, e in target.earlier])
+            target.intra.append(float(probs[..., target.start:].sum()) / heads)
+            outside = probs[..., : target.start].sum(-1).reshape(heads, n).mean(0).to("cpu")
             full = torch.zeros(target.end - target.start)
             full[tokens - target.start] = outside
             target.token_inter = full if target.token_inter is None else target.token_inter + full

@@ -14,6 +14,7 @@ import torch
 
 from ..store import Namespace
 from ..store.keys import canonical_json
+from .segments import adds_bos
 
 #: How many parameter tensors the weights hash covers (first, last and evenly spaced ones in between).
 WEIGHT_TENSORS_HASHED = 4
@@ -68,7 +69,7 @@ def tokenizer_hash(tokenizer: Any) -> str:
         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
         "chat_template": str(getattr(tokenizer, "chat_template", None) or ""),
         "size": size,
-        "bos": _adds_bos(tokenizer),
+        "bos": adds_bos(tokenizer),
     }
     digest.update(canonical_json(extras).encode("ascii"))
     value = digest.hexdigest()
@@ -77,14 +78,6 @@ def tokenizer_hash(tokenizer: Any) -> str:
     except AttributeError:  # pragma: no cover - exotic tokenizer objects with __slots__
         pass
     return value
-
-
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    ids = tokenizer("a").input_ids
-    return bool(ids) and ids[0] == bos
 
 
 def model_id_of(model: torch.nn.Module) -> str:

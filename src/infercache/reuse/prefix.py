@@ -5,10 +5,10 @@ The prompt is cut into ``chunk_size`` (default 256) token chunks whose keys chai
 ``DynamicCache`` and only the rest of the prompt is prefilled; afterwards the chunks that were missing are stored.
 At least the last prompt token is always prefilled (it gives the first logits), so an exact repeat reuses ``N - 1``.
 
-Exactness: the reused KV is bit-identical to what a prefill computes, so the result equals a prefill done in two
-pieces (stored prefix, then the rest). transformers' own chunked prefill gives the same numbers. Against a *one-shot*
-prefill of the whole prompt the suffix is computed with different matrix shapes, which can change low bits (measured:
-max |Δlogit| 0 to ~1e-5 in float32); greedy tokens are identical in all our tests. A cache without sliding-window
+Exactness: the reused KV comes back bit-identical, so the logits equal (bit for bit, tested) those of continuing the
+original request's transformers cache. Against a *one-shot* prefill of the new prompt the tail is computed with other
+matrix shapes, which can change low bits (measured max |Δlogit| <= 1.6e-7 on tiny float32 models, KL ~6e-12 on
+SmolLM2 at 2K tokens); greedy tokens were identical in all our tests. A cache without sliding-window
 trimming is used, so sliding-window models (Gemma-3) are supported and every layer's chunks can be stored.
 """
 

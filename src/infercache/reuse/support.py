@@ -8,7 +8,9 @@ sliding-window layers.
 **Gemma-3 (and any model with sliding-window layers) is refused.** A sliding layer's KV of a reused chunk was computed
 from another window of tokens, and recomputing only the sliding layers is no cheaper than a full prefill: a sliding
 layer needs every token's hidden state, which needs every token through every earlier (full) layer too. Prefix reuse
-works for these models (sliding layers are cached in full so every chunk can be stored).
+works for these models (sliding layers are cached in full so every chunk can be stored). Mistral / Qwen2 configs with
+a ``sliding_window`` are accepted when the prompt plus the new tokens fit in the window (the window then never
+applies).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def check_chunk_model(model: torch.nn.Module, mode: str, total_tokens: int) -> R
             + ". Use mode='prefix', which is exact for any model.")
     sliding = sliding_layers(model)
     window = getattr(config, "sliding_window", None)
-    if sliding and (getattr(config, "layer_types", None) or window is None or total_tokens > int(window)):
+    if sliding and (window is None or total_tokens > int(window)):
         raise UnsupportedModelError(
             f"mode={mode!r}: {len(sliding)} of {config.num_hidden_layers} layers use sliding-window attention "
             f"(window {window}, {total_tokens} tokens); reused chunk KV cannot be repaired for them. "
