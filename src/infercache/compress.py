@@ -25,9 +25,27 @@ from .policies import POLICIES, Policy, get_policy
 ENGINE_OPTIONS = ("page_size", "sink_tokens", "recent_tokens", "decode_budget", "compress_every")
 
 
+def _kv_direct(model, budget, **options):
+    from .cache.kv_direct import build_kv_direct_cache
+
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ValueError("kv_direct: budget is the window of recent tokens whose K/V are kept, an int >= 0")
+    return build_kv_direct_cache(model, budget=budget, **options)
+
+
+def _cross_layer(model, budget, **options):
+    from .cache.cross_layer import build_cross_layer_cache
+
+    return build_cross_layer_cache(model, options.pop("pattern", "every_other"), **options)
+
+
+# Cache modes that are not scoring policies: they recompute (KV-Direct) or share (cross-layer) instead.
+CACHE_MODES = {"kv_direct": _kv_direct, "cross_layer": _cross_layer}
+
+
 def methods() -> list[str]:
-    """Names accepted by :func:`compressed_cache` and :func:`compress`."""
-    return list(POLICIES)
+    """Names accepted by :func:`compressed_cache` (:func:`compress` takes the same)."""
+    return list(POLICIES) + list(CACHE_MODES)
 
 
 class UnsupportedModelError(ValueError):
@@ -84,10 +102,20 @@ def compressed_cache(model, method: str | Policy = "snapkv", budget: float | int
     ``compress_every`` (re-score every N decode steps). Other options go to the method (e.g. ``window``,
     ``kernel``, ``pooling``, ``gqa_reduce``, ``alpha``, ``scorer``).
 
+    Two methods are cache modes rather than scorers: ``kv_direct`` (``budget`` = int window of recent tokens
+    kept as K/V; older tokens are checkpointed and their K/V recomputed exactly; options ``checkpoint``,
+    ``recompute``) and ``cross_layer`` (``pattern="every_other"``, ``k``: sharing layers reuse a donor
+    layer's cache; ``budget`` is ignored). See docs/recompute-and-share.md.
+
     The model's attention implementation is switched to ``"infercache"`` (transformers' sdpa for every layer
     the cache does not own, so plain use of the model is unchanged).
     """
     _check_model(model)
+    if isinstance(method, str) and method in CACHE_MODES:
+        try:
+            return CACHE_MODES[method](model, budget, **options)
+        except TypeError as err:
+            raise ValueError(f"bad option for method {method!r}: {err}") from None
     engine_opts = {k: options.pop(k) for k in list(options) if k in ENGINE_OPTIONS}
     policy = get_policy(method, **options)
     parsed = Budget.parse(budget)
@@ -116,8 +144,9 @@ def compress(model, method: str | Policy = "snapkv", budget: float | int = 0.5, 
     Yields a handle whose ``.last_cache`` is the cache of the latest call (for ``nbytes()``/``lengths()``).
     The model's previous attention implementation is restored on exit.
     """
-    get_policy(method, **{k: v for k, v in options.items() if k not in ENGINE_OPTIONS})  # validate early
-    Budget.parse(budget)
+    if not (isinstance(method, str) and method in CACHE_MODES):
+        get_policy(method, **{k: v for k, v in options.items() if k not in ENGINE_OPTIONS})  # validate early
+        Budget.parse(budget)
     previous = use_infercache_attention(model)
     handle = _Handle()
     original = model.generate

@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 import infercache
 from infercache.cache.compressed_cache import CompressedLayer
+from infercache.policies import POLICIES
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"]
 EVICTING = {"streaming_llm", "h2o", "tova"}
@@ -29,7 +30,7 @@ def _logits_steps(model, ids, cache, steps=6):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", infercache.methods())
+@pytest.mark.parametrize("method", list(POLICIES))
 def test_budget_at_or_above_length_is_bit_identical(tiny, arch, method):
     model, _ = tiny(arch)
     ids = _prompt()
@@ -249,3 +250,21 @@ def test_half_precision_storage_and_identity(method, dtype):
     assert layer.store.pools["k"].dtype == dtype
     kept = sum(int(((t + 7) // 8).sum()) * 8 for t in cache.lengths())
     assert cache.nbytes() == kept * model.config.head_dim * 2 * 2
+
+
+@pytest.mark.parametrize("method,budget,opts", [("kv_direct", 16, {}), ("cross_layer", 0.5, {"pattern": "every_other"})])
+def test_cache_modes_are_reachable_through_the_public_api(tiny, method, budget, opts):
+    model, _ = tiny("llama")
+    assert method in infercache.methods()
+    cache = infercache.compressed_cache(model, method, budget=budget, **opts)
+    out = model.generate(_prompt(40), max_new_tokens=5, do_sample=False, cache=cache)
+    assert out.shape[1] == 45 and cache.nbytes() > 0
+    if method == "kv_direct":
+        ref = model.generate(_prompt(40), max_new_tokens=5, do_sample=False)
+        assert torch.equal(out, ref)  # exact: recomputed K/V
+
+
+def test_kv_direct_rejects_a_ratio_budget(tiny):
+    model, _ = tiny("llama")
+    with pytest.raises(ValueError, match="window"):
+        infercache.compressed_cache(model, "kv_direct", budget=0.5)

@@ -98,7 +98,7 @@ def run_sample(model, tokenizer, prompt, sample, method: str, budget) -> dict:
         "cache_bytes": bytes_after_prefill,
         "lengths": lengths,
         "prefill_s": round(prefill_s, 4),
-        "scoring_s": round(cache.engine.prefill_seconds, 4) if method != "full" else 0.0,
+        "scoring_s": round(cache.engine.prefill_seconds, 4) if hasattr(cache, "engine") else 0.0,
         "decode_tok_s": round((len(generated) - 1) / decode_s, 2) if decode_s > 0 and len(generated) > 1 else None,
         "context_tokens": len(prompt.context_ids),
         "question_tokens": len(prompt.question_ids),
