@@ -95,6 +95,9 @@ def plot_score_vs_budget(summary: dict, out: Path) -> Path | None:
         series[(r["engine"], r["method"], r["protocol"])][budget].append(r["score"])
     if not series:
         return None
+    budgets = {b for pts in series.values() for b in pts}
+    if len(budgets) == 1:  # one budget: a bar per method (a line plot would be a single column of dots)
+        return _plot_score_bars(series, full, budgets.pop(), out)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (engine, method, protocol), pts in sorted(series.items()):
         xs = sorted(pts)
@@ -109,6 +112,30 @@ def plot_score_vs_budget(summary: dict, out: Path) -> Path | None:
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _plot_score_bars(series, full, budget: float, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    items = sorted(((engine, method, protocol), sum(v[budget]) / len(v[budget]))
+                   for (engine, method, protocol), v in series.items())
+    items.sort(key=lambda kv: (-kv[1], kv[0]))
+    labels = [f"{m} ({p.replace('question_', 'q-')})" + ("" if e == "infercache" else f" [{e}]") for (e, m, p), _ in items]
+    colors = ["tab:blue" if e == "infercache" else "tab:orange" for (e, _, _), _ in items]
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(items) + 1.5))
+    ax.barh(range(len(items)), [v for _, v in items], color=colors)
+    ax.set_yticks(range(len(items)), labels, fontsize=7)
+    ax.invert_yaxis()
+    for engine, scores in full.items():
+        ax.axvline(sum(scores) / len(scores), color="black", lw=1, ls=":", label=f"full cache [{engine}]")
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel(f"mean score at budget {budget:g}  (blue: infercache, orange: peer)", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
