@@ -52,7 +52,7 @@ class UnsupportedModelError(ValueError):
     """Raised for a model the compressed cache cannot serve (encoder-decoder, no per-layer attention, ...)."""
 
 
-def _check_model(model) -> None:
+def check_model(model) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "get_text_config"):
         raise UnsupportedModelError("infercache needs a Hugging Face transformers model (with a .config)")
@@ -110,7 +110,7 @@ def compressed_cache(model, method: str | Policy = "snapkv", budget: float | int
     The model's attention implementation is switched to ``"infercache"`` (transformers' sdpa for every layer
     the cache does not own, so plain use of the model is unchanged).
     """
-    _check_model(model)
+    check_model(model)
     if isinstance(method, str) and method in CACHE_MODES:
         try:
             return CACHE_MODES[method](model, budget, **options)

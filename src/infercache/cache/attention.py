@@ -33,7 +33,8 @@ def mark_update(layer, keys: torch.Tensor) -> None:
     _LOCAL.shape = tuple(keys.shape)
 
 
-def _claim(module, key: torch.Tensor):
+def claim(module, key: torch.Tensor):
+    """The layer whose update this attention call follows (and forget it), or None for a foreign cache."""
     layer = getattr(_LOCAL, "layer", None)
     if layer is None:
         return None
@@ -47,7 +48,7 @@ def _claim(module, key: torch.Tensor):
 
 
 def infercache_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    layer = _claim(module, key)
+    layer = claim(module, key)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
