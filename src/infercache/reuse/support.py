@@ -24,7 +24,9 @@ from .rope import RopeInfo, check_rotation, rope_info
 CHUNK_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 #: Attention implementations the layer-by-layer runner builds masks for.
-CHUNK_ATTENTION = ("sdpa", "eager")
+# "infercache" and "infercache_stream" run transformers' sdpa for every cache they do not own (a plain
+# DynamicCache here), so a model switched to them by compressed_cache() or a stream stays usable.
+CHUNK_ATTENTION = ("sdpa", "eager", "infercache", "infercache_stream")
 
 
 def text_config(model: torch.nn.Module):
