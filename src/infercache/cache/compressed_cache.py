@@ -17,7 +17,23 @@ from .attention import mark_update
 from .engine import CompressionEngine
 
 
-class CompressedLayer(CacheLayerMixin):
+class SeenTokensLayer(CacheLayerMixin):
+    """A layer that reports the tokens it has *seen* (not the entries it holds) to transformers, so masks and
+    ``cache_position`` continue from the true position after eviction, checkpointing or sharing."""
+
+    seen: int = 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class CompressedLayer(SeenTokensLayer):
     """One full-attention layer: ragged per-(row, KV head) storage driven by the engine."""
 
     is_sliding = False
@@ -66,15 +82,6 @@ class CompressedLayer(CacheLayerMixin):
         self.last_bias = chans.get("bias")
         mark_update(self, chans["k"])
         return chans["k"], chans["v"]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
 
     @property
     def batch_size(self) -> int:

@@ -43,7 +43,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+
+from .compressed_cache import SeenTokensLayer
 
 CHECKPOINTS = ("attn_input", "residual")
 RECOMPUTE_MODES = ("batched", "replay")
@@ -210,7 +212,7 @@ def remove_hooks(model) -> None:
 # -------------------------------------------------------------------------------------------------- layer
 
 
-class KVDirectLayer(CacheLayerMixin):
+class KVDirectLayer(SeenTokensLayer):
     """One full-attention layer: K/V of the last ``window`` tokens, input checkpoints for all older tokens.
 
     ``keys``/``values`` ``[B, Hkv, n_window, D]`` and ``window_hidden`` ``[B, n_window, d]`` cover the recent
@@ -303,15 +305,6 @@ class KVDirectLayer(CacheLayerMixin):
         if end <= n_old:
             return self.checkpoints[:, begin:end].contiguous()
         return torch.cat([self.checkpoints[:, begin:], self.window_hidden[:, : end - n_old]], dim=1)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
 
     @property
     def batch_size(self) -> int:
