@@ -23,6 +23,7 @@ from transformers import DynamicCache
 import infercache
 from infercache.cache.compressed_cache import CompressedLayer
 from infercache.models import load
+from infercache.policies import POLICIES
 
 
 def filler_ids(tokenizer, n: int) -> torch.Tensor:
@@ -86,7 +87,7 @@ def run_one(model, ids, method, budget, decode_tokens, repeats):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    parser.add_argument("--methods", default=",".join(infercache.methods()))
+    parser.add_argument("--methods", default=",".join(POLICIES))  # the scoring policies (kv_direct etc. differ)
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=32)
