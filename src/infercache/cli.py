@@ -191,6 +191,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_store(args) -> int:
+    from . import store
+
+    kv = store.open(args.url)
+    try:
+        if args.action == "stats":
+            stats = kv.stats()
+            print(f"{args.url}: {len(kv)} entries, {_mib(kv.nbytes())} held")
+            print(json.dumps(stats if isinstance(stats, dict) else getattr(stats, "__dict__", str(stats)),
+                             indent=2, default=str))
+        else:
+            keys = kv.keys()
+            removed = sum(1 for key in keys if kv.delete(key))
+            print(f"{args.url}: removed {removed} of {len(keys)} entries")
+    finally:
+        kv.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--out", help="JSON path (default: next to the converted model)")
     p.set_defaults(func=cmd_profile_heads)
+
+    p = sub.add_parser("store", help="inspect or empty a KV store (memory://, disk:PATH, redis://..., or a list)")
+    p.add_argument("action", choices=["stats", "clear"])
+    p.add_argument("url")
+    p.set_defaults(func=cmd_store)
 
     p = sub.add_parser("bench", help="quality, memory and speed of methods side by side on offline tasks")
     model_opts(p)
