@@ -71,7 +71,6 @@ def _rotary(model):
         return None
     takes_type = "layer_type" in inspect.signature(emb.forward).parameters
     layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
-    dtype = next(model.parameters()).dtype
 
     def rotary(layer_idx: int, positions: torch.Tensor):
         dummy = torch.zeros(1, dtype=torch.float32, device=positions.device)
@@ -79,7 +78,6 @@ def _rotary(model):
             return emb(dummy, positions, layer_types[layer_idx] if layer_types else "full_attention")
         return emb(dummy, positions)
 
-    del dtype
     return rotary
 
 

@@ -8,25 +8,18 @@ import infercache
 from infercache.cache.compressed_cache import CompressedLayer
 from infercache.policies import POLICIES
 
+from decode_steps import logits_steps, prompt_ids
+
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"]
 EVICTING = {"streaming_llm", "h2o", "tova"}
 
 
 def _prompt(n=80, seed=0, batch=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 250, (batch, n), generator=g)
+    return prompt_ids(n, seed, batch)
 
 
 def _logits_steps(model, ids, cache, steps=6):
-    """Prefill logits, then greedy decode steps by explicit forwards: list of logits."""
-    out = model(ids, cache=cache, use_cache=True)
-    logits = [out.logits[:, -1]]
-    nxt = out.logits[:, -1:].argmax(-1)
-    for _ in range(steps):
-        out = model(nxt, cache=cache, use_cache=True)
-        logits.append(out.logits[:, -1])
-        nxt = out.logits[:, -1:].argmax(-1)
-    return logits
+    return logits_steps(model, ids, cache, steps)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -6,23 +6,17 @@ from transformers import DynamicCache
 
 from infercache.cache.kv_direct import KVDirectCache, KVDirectLayer, build_kv_direct_cache, remove_hooks, tensor_nbytes
 
+from decode_steps import logits_steps, prompt_ids
+
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"]
 
 
 def _prompt(n=40, seed=0, batch=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 250, (batch, n), generator=g)
+    return prompt_ids(n, seed, batch)
 
 
 def _logits_steps(model, ids, cache, steps=12):
-    out = model(ids, cache=cache, use_cache=True)
-    logits = [out.logits[:, -1]]
-    nxt = out.logits[:, -1:].argmax(-1)
-    for _ in range(steps):
-        out = model(nxt, cache=cache, use_cache=True)
-        logits.append(out.logits[:, -1])
-        nxt = out.logits[:, -1:].argmax(-1)
-    return torch.stack(logits)
+    return logits_steps(model, ids, cache, steps)
 
 
 def _generate(model, ids, cache, n=64):

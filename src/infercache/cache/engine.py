@@ -7,9 +7,12 @@ protected sinks and recent tokens, the observation window, decode-time re-scorin
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..policies.base import Policy, ScoreContext
+from .attention import head_mask
 from .budget import Budget
 from .ragged import RaggedStore
 from .selection import protect, select
@@ -86,8 +89,6 @@ class CompressionEngine:
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
     def compress_prefill(self, layer, module, query, attention_mask, scaling, position_ids) -> None:
-        import time
-
         start = time.perf_counter()
         keys, values = layer.pending
         layer.pending = None
@@ -175,8 +176,6 @@ class CompressionEngine:
         hkv, length = keys.shape[1], keys.shape[2]
         g = h // hkv
         logits = torch.matmul(query.float(), keys.float().repeat_interleave(g, 1).transpose(-1, -2)) * scaling
-        from .attention import head_mask
-
         mask = head_mask(layer.last_old.to(query.device), q, length)
         mask = mask[:, :, None].expand(b, hkv, g, q, length).reshape(b, h, q, length)
         probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)

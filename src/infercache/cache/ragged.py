@@ -64,7 +64,6 @@ class RaggedStore:
         dst = (first_page.to(device)[:, None] * p + j[None, :])[valid]
         new_pools = {}
         for name, data in channels.items():
-            feat = data.shape[(2 if not source_flat else 1):] if not source_flat else data.shape[1:]
             if source_flat:
                 src_rows = data[keep.reshape(b * h, kmax)[valid]]
             else:
