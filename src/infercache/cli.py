@@ -1,4 +1,4 @@
-"""The ``infercache`` command: ``models list|prepare``, ``methods``, ``run``, ``demo``."""
+"""The ``infercache`` command: ``models list|prepare``, ``methods``, ``run``, ``bench``, ``train-gates``, ``store``, ``demo``."""
 
 from __future__ import annotations
 
@@ -210,6 +210,34 @@ def cmd_store(args) -> int:
     return 0
 
 
+def cmd_train_gates(args) -> int:
+    import torch
+
+    from .models import load
+    from .policies.razor_heads import model_fingerprint
+    from .policies.retention_gate_modules import default_gates_path
+    from .training.retention_gates import GateTrainingConfig, train_gates
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = GateTrainingConfig(memory=args.memory, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+                                lr=args.lr, data=args.data, num_sequences=args.sequences, seed=args.seed,
+                                capacity_weight=args.capacity_weight)
+    config.validate()
+    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
+    gates, summary = train_gates(model, tokenizer, config)
+    summary["model"] = args.model
+    out = Path(args.out) if args.out else default_gates_path(model)
+    gates.save(out, fingerprint=model_fingerprint(model), training=summary)
+    first, last = summary["first_losses"], summary["last_losses"]
+    print(f"trained {config.steps} steps in {summary['seconds']} s on {summary['sequences']} sequences "
+          f"({config.data}); losses first 10% -> last 10%:")
+    for key in ("kl", "lm", "capacity", "loss"):
+        print(f"  {key:9s} {first[key]:.4f} -> {last[key]:.4f}")
+    print(f"saved {out}; use it with compressed_cache(model, 'retention_gates', budget)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON path (default: next to the converted model)")
     p.set_defaults(func=cmd_profile_heads)
 
+    p = sub.add_parser("train-gates", help="retention_gates: train the gates of a model by distillation (CPU, minutes)")
+    model_opts(p, default_model="stories260k")
+    p.add_argument("--memory", type=int, default=64, help="entries per layer and KV head the capacity loss aims at")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--capacity-weight", type=float, default=1.0)
+    p.add_argument("--data", default="self", choices=["self", "haystack"],
+                   help="self: the model's own samples; haystack: the shipped public-domain passages")
+    p.add_argument("--sequences", type=int, default=256, help="training sequences to sample or cut")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="weights file (default: next to the converted model, where retention_gates looks)")
+    p.set_defaults(func=cmd_train_gates)
+
     p = sub.add_parser("store", help="inspect or empty a KV store (memory://, disk:PATH, redis://..., or a list)")
     p.add_argument("action", choices=["stats", "clear"])
     p.add_argument("url")
@@ -281,10 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         args.model = args.model_name
     from .models import ModelNotAvailableError, UnknownModelError
     from .policies import UnknownMethodError
+    from .policies.retention_gate_modules import GatesNotFoundError
 
     try:
         return args.func(args)
-    except (UnknownModelError, ModelNotAvailableError, UnknownMethodError, ValueError) as err:
+    except (UnknownModelError, ModelNotAvailableError, UnknownMethodError, GatesNotFoundError, ValueError) as err:
         print(f"infercache: error: {err}", file=sys.stderr)
         return 2
 

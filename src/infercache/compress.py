@@ -131,6 +131,10 @@ def compressed_cache(model, method: str | Policy = "snapkv", budget: float | int
         **engine_opts,
     )
     policy.prepare(model)
+    if policy.needs_attention_input:
+        from .cache.capture import install_input_capture
+
+        install_input_capture(model)
     use_infercache_attention(model)
     return CompressedCache(model.config, engine)
 

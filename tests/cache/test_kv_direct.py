@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from infercache.cache.kv_direct import KVDirectCache, KVDirectLayer, build_kv_direct_cache, remove_hooks, tensor_nbytes
+from infercache.cache.capture import remove_input_capture
+from infercache.cache.kv_direct import KVDirectCache, KVDirectLayer, build_kv_direct_cache, tensor_nbytes
 
 from decode_steps import logits_steps, prompt_ids
 
@@ -119,7 +120,7 @@ def test_hooks_are_inert_for_other_caches_and_required_for_ours(tiny):
     cache = build_kv_direct_cache(model, 8)
     assert torch.equal(model(ids, cache=DynamicCache(config=model.config)).logits, ref)
     assert torch.equal(model(ids).logits, ref)
-    remove_hooks(model)
+    remove_input_capture(model)
     with pytest.raises(RuntimeError, match="captured input"):
         model(ids, cache=cache, use_cache=True)
     cache = build_kv_direct_cache(model, 8)  # re-installs

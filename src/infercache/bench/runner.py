@@ -111,26 +111,46 @@ def run_fidelity(model, tokenizer, length: int, n_cont: int, method: str, budget
     device = next(model.parameters()).device
     text = fidelity_text(tokenizer=tokenizer, n_tokens=length + n_cont, seed=seed)
     ids = tokenizer(text, return_tensors="pt").input_ids[:, : length + n_cont].to(device)
-    context, continuation = ids[:, :length], ids[:, length:]
-    results = {}
-    for name in ("full", method):
-        cache = DynamicCache(config=model.config) if name == "full" else compressed_cache(model, name, budget)
+    return fidelity_on_ids(model, ids[:, :length], ids[:, length:], method, budget, pad_token_id=tokenizer.pad_token_id)
+
+
+def fidelity_on_ids(model, context, continuation, method: str, budget, *, pad_token_id=None, greedy_tokens: int = 32,
+                    reference: dict | None = None, **options) -> dict:
+    """Fidelity of ``method`` at ``budget`` against the full cache on given ids ``[1, L]`` and ``[1, n]``.
+
+    The context is compressed alone, then the continuation is teacher-forced (one multi-token forward) and
+    ``greedy_tokens`` are generated from the context. Returns ``kl``, ``top1``, ``greedy_match``,
+    ``first_divergence``, ``nll`` (the method's mean next-token loss on the continuation after its first token)
+    and ``nbytes`` (held after the context and the continuation).
+    ``reference`` (the ``"reference"`` entry of an earlier result) skips recomputing the full cache's run.
+    """
+    length = context.shape[1]
+
+    def run(name):
+        def cache():
+            return DynamicCache(config=model.config) if name == "full" else compressed_cache(model, name, budget, **options)
+
+        first = cache()
         with torch.no_grad():
-            model(context, cache=cache, use_cache=True)
-            logits = model(continuation, cache=cache, use_cache=True).logits[0]
-        cache2 = DynamicCache(config=model.config) if name == "full" else compressed_cache(model, name, budget)
-        with torch.no_grad():
-            gen = model.generate(context, cache=cache2, max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)[0, length:]
-        results[name] = (logits, gen)
-    ref_logits, ref_gen = results["full"]
-    test_logits, test_gen = results[method]
-    match = greedy_token_match(ref_gen, test_gen)
+            model(context, cache=first, use_cache=True)
+            logits = model(continuation, cache=first, use_cache=True).logits[0]
+            nbytes = first.nbytes() if hasattr(first, "nbytes") else None
+            gen = model.generate(context, cache=cache(), max_new_tokens=greedy_tokens, min_new_tokens=greedy_tokens,
+                                 do_sample=False, pad_token_id=pad_token_id)[0, length:]
+        return {"logits": logits, "gen": gen, "nbytes": nbytes}
+
+    ref = reference or run("full")
+    test = run(method)
+    match = greedy_token_match(ref["gen"], test["gen"])
+    nll = torch.nn.functional.cross_entropy(test["logits"][:-1].float(), continuation[0, 1:].to(test["logits"].device))
     return {
-        "kl": kl_divergence(ref_logits, test_logits),
-        "top1": top1_agreement(ref_logits, test_logits),
+        "kl": kl_divergence(ref["logits"], test["logits"]),
+        "top1": top1_agreement(ref["logits"], test["logits"]),
         "greedy_match": match.match_fraction,
         "first_divergence": match.first_divergence,
+        "nll": float(nll),
+        "nbytes": test["nbytes"],
+        "reference": ref,
     }
 
 
@@ -172,7 +192,9 @@ def run_bench(config: BenchConfig, out_dir: Path, *, progress: bool = True) -> l
                    "protocol": "question_agnostic", "task": "fidelity", "length": length, "sample_id": config.seed}
             if record_key(rec) in records.done:
                 continue
-            records.add({**rec, **run_fidelity(model, tokenizer, length, config.fidelity_tokens, method, budget, config.seed)})
+            fid = run_fidelity(model, tokenizer, length, config.fidelity_tokens, method, budget, config.seed)
+            fid.pop("reference")
+            records.add({**rec, **fid})
     if "kvpress" in config.peers:
         run_kvpress_peer(config, model, tokenizer, records, jobs, progress)
     return records.records

@@ -55,6 +55,8 @@ class CompressedLayer(SeenTokensLayer):
         self.next_position = None
         self.prefill_lengths = None
         self.prefill_kept = None
+        self.attn_input = None
+        self.last_call = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -129,6 +131,13 @@ class CompressedCache(Cache):
         self.engine = engine
         self.policy = engine.policy
         self.budget = engine.budget
+        engine.layers = self.layers
+
+    def capture_attention_input(self, layer_idx: int, hidden, position_ids=None) -> None:
+        """Called by the capture hook (:mod:`.capture`) for policies that read the attention input."""
+        layer = self.layers[layer_idx]
+        if self.policy.needs_attention_input and isinstance(layer, CompressedLayer):
+            layer.attn_input = hidden
 
     # ------------------------------------------------------------------ reports
     def nbytes(self) -> int:

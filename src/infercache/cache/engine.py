@@ -50,6 +50,8 @@ class CompressionEngine:
         if self.compress_every < 1:
             raise ValueError(f"compress_every must be >= 1, got {compress_every}")
         self.prefill_seconds = 0.0  # time spent scoring/selecting at prefill (for overhead reports)
+        self._deferred = []  # global-budget policies: layers scored at prefill, waiting for the last one
+        self.layers = None  # the cache's layers by index (set by the cache; global eviction walks them)
 
     # ------------------------------------------------------------------ helpers
     def _rotary_for(self, layer_idx: int):
@@ -87,6 +89,16 @@ class CompressionEngine:
         return protect(scores, ctx.valid, first=self.sink_tokens, last=recent.to(scores.device))
 
     # ------------------------------------------------------------------ prefill
+    def _attention_input(self, layer):
+        hidden, layer.attn_input = getattr(layer, "attn_input", None), None
+        if hidden is None and self.policy.needs_attention_input:
+            raise RuntimeError(
+                f"infercache: {self.policy.name} needs each layer's attention input, but none was captured for layer "
+                f"{layer.layer_idx}; build the cache with infercache.compressed_cache(model, ...), which installs "
+                "the capture hooks"
+            )
+        return hidden
+
     @torch.no_grad()
     def compress_prefill(self, layer, module, query, attention_mask, scaling, position_ids) -> None:
         start = time.perf_counter()
@@ -103,6 +115,12 @@ class CompressionEngine:
         positions = position_ids if position_ids is not None else torch.arange(length, device=keys.device)[None]
         positions = positions.expand(b, length)
         ctx = self._context(layer, keys, values, valid, query, scaling, "prefill", module, positions)
+        hidden = self._attention_input(layer)
+        if policy.entry_channels:
+            entry = policy.entry_stats(ctx, hidden, positions)
+            channels.update(entry)
+            ctx.stats.update(entry)
+            ctx.stats["seen"] = positions[:, -1] + 1
         if not skip:
             capacity = policy.layer_capacities(capacity, lengths, ctx).cpu()
         scores = None
@@ -111,6 +129,14 @@ class CompressionEngine:
             keep, head_caps = select(valid.float(), valid, lengths[:, None].expand(b, hkv))
             if policy.needs_decode_attention:
                 scores = policy.score(ctx).float()
+        elif policy.global_budget:
+            # Scored now, selected once every compressed layer is scored (one top-k over all of them).
+            scores = self._scores(ctx, capacity[:, None].expand(b, hkv))
+            self._deferred.append((layer, channels, scores, valid, capacity, lengths, positions, query))
+            if layer.layer_idx == self.compressed_layers[-1]:
+                self._select_global_prefill()
+            self.prefill_seconds += time.perf_counter() - start
+            return
         else:
             shared = policy.shared_selection(ctx)
             if shared is not None:  # e.g. WindowKV: a group leader's indices reused by its group
@@ -127,6 +153,13 @@ class CompressionEngine:
                 channels.update(merged)
         if policy.needs_decode_attention:
             channels["acc"] = scores
+        self._install(layer, channels, keep, head_caps, lengths, positions, query, skip)
+        self.prefill_seconds += time.perf_counter() - start
+
+    def _install(self, layer, channels, keep, head_caps, lengths, positions, query, skip) -> None:
+        """Write a layer's selection into its ragged store and set its decode-time capacity."""
+        policy = self.policy
+        b, hkv = head_caps.shape
         layer.store = RaggedStore.from_dense(channels, keep, head_caps, self.page_size)
         layer.prefill_lengths = lengths
         layer.prefill_kept = head_caps.clone()
@@ -144,7 +177,17 @@ class CompressionEngine:
         if policy.window and layer.capacity is not None:
             layer.query_buffer = query[:, :, -policy.window :].detach()
         layer.next_position = positions[:, -1:].clone() + 1
-        self.prefill_seconds += time.perf_counter() - start
+
+    def _select_global_prefill(self) -> None:
+        """One top-k per row over every deferred layer's scores; each layer then keeps what it won."""
+        deferred, self._deferred = self._deferred, []
+        scores = [d[2] for d in deferred]
+        valids = [d[3] for d in deferred]
+        totals = sum(d[4] for d in deferred) * deferred[0][2].shape[1]  # [B]: sum of layer budgets x Hkv
+        caps = global_capacities(scores, valids, totals)
+        for (layer, channels, score, valid, _, lengths, positions, query), cap in zip(deferred, caps):
+            keep, head_caps = select(score, valid, cap)
+            self._install(layer, channels, keep, head_caps, lengths, positions, query, False)
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
@@ -152,6 +195,12 @@ class CompressionEngine:
         """Bookkeeping after attention over the ragged cache: statistics, query buffer, eviction."""
         policy = self.policy
         q = query.shape[2]
+        hidden = self._attention_input(layer)
+        if policy.entry_channels and layer.store is not None:
+            new_positions = layer.next_position + torch.arange(q, device=layer.next_position.device)[None]
+            ctx = self._context(layer, keys, keys, None, query, scaling, "decode", module)
+            entry = policy.entry_stats(ctx, hidden, new_positions)
+            layer.store.write_tail(entry)
         layer.next_position = layer.next_position + q
         if layer.capacity is None:
             return
@@ -164,6 +213,11 @@ class CompressionEngine:
         if policy.capacity_tracks_seen and self.budget.ratio is not None:
             # the cache is kept at `ratio` of the tokens seen so far (Elastic Cache's rule)
             layer.capacity = torch.full_like(layer.capacity, max(1, int(self.budget.ratio * layer.seen)))
+        if policy.global_budget:
+            layer.last_call = (module, scaling)
+            if layer.layer_idx == self.compressed_layers[-1]:
+                self._evict_global_if_due(layer.steps_since)
+            return
         over = layer.store.lengths - layer.capacity
         if int(over.max()) >= self.compress_every or (layer.steps_since >= self.compress_every and int(over.max()) > 0):
             self._evict(layer, module, scaling)
@@ -184,18 +238,62 @@ class CompressionEngine:
         flat = per_kv.reshape(b * hkv, length)
         store.pools["acc"].index_add_(0, slots[valid].to(flat.device), flat[valid.to(flat.device)])
 
-    def _evict(self, layer, module, scaling) -> None:
+    def _decode_context(self, layer, module, scaling):
         store = layer.store
         chans, valid = store.gather()
-        stats = {"next_position": layer.next_position, "prefill_kept": layer.prefill_kept}
-        if "acc" in chans:
-            stats["acc"] = chans["acc"]
-        ctx = self._context(layer, chans["k"], chans["v"], valid.to(chans["k"].device), layer.query_buffer, scaling,
-                            "decode", module, stats=stats)
+        stats = {"next_position": layer.next_position, "prefill_kept": layer.prefill_kept,
+                 "seen": layer.next_position[:, -1]}
+        for name in ("acc", *self.policy.entry_channels):
+            if name in chans:
+                stats[name] = chans[name]
+        return self._context(layer, chans["k"], chans["v"], valid.to(chans["k"].device), layer.query_buffer, scaling,
+                             "decode", module, stats=stats)
+
+    def _evict(self, layer, module, scaling) -> None:
+        ctx = self._decode_context(layer, module, scaling)
         capacity = layer.capacity
         scores = self._scores(ctx, capacity)
         keep, counts = select(scores, ctx.valid, capacity)
-        store.keep(keep, counts)
+        layer.store.keep(keep, counts)
+
+    def _evict_global_if_due(self, steps_since: int) -> None:
+        layers = [layer for layer in self._layers() if layer.store is not None and layer.capacity is not None]
+        if not layers:
+            return
+        over = sum((layer.store.lengths - layer.capacity).sum(-1) for layer in layers)  # [B]
+        if int(over.max()) >= self.compress_every or (steps_since >= self.compress_every and int(over.max()) > 0):
+            ctxs = [self._decode_context(layer, *layer.last_call) for layer in layers]
+            scores = [self._scores(ctx, layer.capacity) for ctx, layer in zip(ctxs, layers)]
+            totals = sum(layer.capacity.sum(-1) for layer in layers)
+            caps = global_capacities(scores, [ctx.valid for ctx in ctxs], totals)
+            for layer, score, ctx, cap in zip(layers, scores, ctxs, caps):
+                keep, counts = select(score, ctx.valid, cap)
+                layer.store.keep(keep, counts)
+                layer.capacity = counts.clone()
+                layer.steps_since = 0
+
+    def _layers(self):
+        return [self.layers[i] for i in self.compressed_layers]
+
+
+def global_capacities(scores: list[torch.Tensor], valids: list[torch.Tensor], totals: torch.Tensor) -> list[torch.Tensor]:
+    """Split ``totals[b]`` entries over every (layer, KV head) by one top-k over all their scores.
+
+    ``scores``/``valids``: one ``[B, Hkv, L_l]`` per layer (lengths may differ). Returns one ``[B, Hkv]`` count
+    per layer: how many of that head's entries are in the row's global top ``totals[b]``.
+    """
+    b, hkv = scores[0].shape[:2]
+    flat = torch.cat([s.float().masked_fill(~v, float("-inf")).reshape(b, -1) for s, v in zip(scores, valids)], -1)
+    owner = torch.cat([torch.arange(i * hkv, (i + 1) * hkv).repeat_interleave(s.shape[-1]) for i, s in enumerate(scores)])
+    counts = torch.zeros(b, len(scores) * hkv, dtype=torch.long)
+    n_valid = torch.stack([v.sum((-1, -2)) for v in valids]).sum(0).cpu()
+    for row in range(b):
+        k = int(min(int(totals[row]), int(n_valid[row])))
+        if k <= 0:
+            continue
+        top = torch.sort(flat[row], descending=True, stable=True).indices[:k].cpu()
+        counts[row] = torch.bincount(owner[top], minlength=len(scores) * hkv)
+    return list(counts.view(b, len(scores), hkv).unbind(1))
 
 
 def _valid_tokens(attention_mask, batch: int, length: int, device) -> torch.Tensor:

@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
+from .capture import decoder_layers, install_input_capture
 from .compressed_cache import SeenTokensLayer
 
 CHECKPOINTS = ("attn_input", "residual")
 RECOMPUTE_MODES = ("batched", "replay")
-_HOOKS_ATTR = "_infercache_kv_direct_hooks"
 _MIN_ROWS = 4  # CPU GEMM uses another kernel below 4 rows; pad so prompt tokens stay bit-exact
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
@@ -70,16 +70,6 @@ def tensor_nbytes(tensors) -> int:
         seen.add(key)
         total += storage.nbytes()
     return total
-
-
-def _decoder_layers(model) -> dict[int, torch.nn.Module]:
-    """``{layer_idx: decoder layer}`` for every module with a ``self_attn`` that carries a ``layer_idx``."""
-    layers = {}
-    for module in model.modules():
-        attn = getattr(module, "self_attn", None)
-        if isinstance(attn, torch.nn.Module) and hasattr(attn, "layer_idx"):
-            layers[attn.layer_idx] = module
-    return layers
 
 
 def _rotary(model):
@@ -161,52 +151,6 @@ class KVProjector:
         cos, sin = self.rotary(positions, hidden.dtype, self.layer_type)
         _, k = self.apply_rope(k[:, :0], k, cos, sin)
         return k, v
-
-
-# -------------------------------------------------------------------------------------------------- hooks
-
-
-def _cache_of(kwargs):
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    return cache if isinstance(cache, KVDirectCache) else None
-
-
-def _capture(cache, layer_idx, args, kwargs):
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
-    cache._capture(layer_idx, hidden, kwargs.get("position_ids"))
-
-
-def _decoder_hook(module, args, kwargs):
-    cache = _cache_of(kwargs)
-    if cache is not None and cache.checkpoint == "residual":
-        _capture(cache, module.self_attn.layer_idx, args, kwargs)
-
-
-def _attention_hook(module, args, kwargs):
-    cache = _cache_of(kwargs)
-    if cache is not None and cache.checkpoint == "attn_input":
-        _capture(cache, module.layer_idx, args, kwargs)
-
-
-def install_hooks(model) -> None:
-    """Register the capture hooks once per model (idempotent). They act only for a :class:`KVDirectCache`."""
-    if getattr(model, _HOOKS_ATTR, None):
-        return
-    handles = []
-    for layer in _decoder_layers(model).values():
-        handles.append(layer.register_forward_pre_hook(_decoder_hook, with_kwargs=True))
-        handles.append(layer.self_attn.register_forward_pre_hook(_attention_hook, with_kwargs=True))
-    if not handles:
-        raise NotImplementedError(f"kv_direct: no decoder layers with self_attn.layer_idx in {type(model).__name__}")
-    object.__setattr__(model, _HOOKS_ATTR, handles)
-
-
-def remove_hooks(model) -> None:
-    """Remove the capture hooks (a later :func:`build_kv_direct_cache` installs them again)."""
-    for handle in getattr(model, _HOOKS_ATTR, None) or ():
-        handle.remove()
-    if hasattr(model, _HOOKS_ATTR):
-        object.__delattr__(model, _HOOKS_ATTR)
 
 
 # -------------------------------------------------------------------------------------------------- layer
@@ -351,7 +295,7 @@ class KVDirectCache(Cache):
             raise ValueError(f"kv_direct: recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
         config = model.config.get_text_config(decoder=True)
         layer_types, kwargs = get_layer_types_and_kwargs(config)
-        decoders = _decoder_layers(model)
+        decoders = decoder_layers(model)
         rotary = _rotary(model)
         layers = []
         for idx, (kind, kw) in enumerate(zip(layer_types, kwargs)):
@@ -374,6 +318,16 @@ class KVDirectCache(Cache):
         self.chunks: list[tuple[int, int]] = []  # (first token, length) of each forward, for "replay"
 
     # ------------------------------------------------------------------ capture
+    def capture_layer_input(self, layer_idx: int, hidden, position_ids) -> None:
+        """Capture hook (:mod:`.capture`): a decoder layer's input, the checkpoint when ``checkpoint="residual"``."""
+        if self.checkpoint == "residual":
+            self._capture(layer_idx, hidden, position_ids)
+
+    def capture_attention_input(self, layer_idx: int, hidden, position_ids) -> None:
+        """Capture hook (:mod:`.capture`): the attention input, the checkpoint when ``checkpoint="attn_input"``."""
+        if self.checkpoint == "attn_input":
+            self._capture(layer_idx, hidden, position_ids)
+
     def _capture(self, layer_idx: int, hidden, position_ids) -> None:
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
         if isinstance(layer, KVDirectLayer):
@@ -462,5 +416,5 @@ def build_kv_direct_cache(model, window: int = 64, *, checkpoint: str = "attn_in
     if getattr(model.config, "is_encoder_decoder", False):
         raise NotImplementedError("kv_direct: decoder-only causal LMs only")
     cache = KVDirectCache(model, window=window, checkpoint=checkpoint, recompute=recompute)
-    install_hooks(model)
+    install_input_capture(model)
     return cache

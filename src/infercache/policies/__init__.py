@@ -13,6 +13,7 @@ from .knorm import KNorm
 from .pyramidkv import PyramidKV
 from .random import Random
 from .razor import RazorAttention
+from .retention_gates import RetentionGates
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
@@ -33,6 +34,7 @@ POLICIES: dict[str, type[Policy]] = {
     "windowkv": WindowKV,
     "dapq": DapQ,
     "elastic": ElasticCache,
+    "retention_gates": RetentionGates,
 }
 
 

@@ -114,6 +114,15 @@ class Policy:
         """Called once with the model when a cache is built (e.g. RazorAttention loads its head profile)."""
 
     capacity_tracks_seen: bool = False  # while decoding, capacity = ratio x tokens seen (Elastic Cache)
+    global_budget: bool = False  # one top-k over all compressed layers and KV heads together (retention gates)
+    needs_attention_input: bool = False  # the engine hands entry_stats each new token's attention input
+    entry_channels: tuple[str, ...] = ()  # per-entry statistics kept next to K/V (names of entry_stats' keys)
+
+    def entry_stats(self, ctx: ScoreContext, hidden: torch.Tensor | None, positions: torch.Tensor) -> dict:
+        """Per-entry statistics of new tokens, ``{name: [B, Hkv, T]}``, stored with them and evicted with them;
+        they reach :meth:`score` through ``ctx.stats``. ``hidden`` is the attention input ``[B, T, d]`` (when
+        ``needs_attention_input``), ``positions`` ``[B, T]``."""
+        return {}
 
     def shared_selection(self, ctx: ScoreContext):
         """A selection ``(keep, counts)`` reused from another layer, or None to score this one (WindowKV)."""

@@ -85,7 +85,10 @@ def _full_layers(model) -> list[int]:
 
 def model_fingerprint(model) -> str:
     """A stable id for a model's weights and shapes (config + a few parameter tensors)."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    for key in ("_name_or_path", "transformers_version"):  # where and with what it was loaded: not the model
+        config.pop(key, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for _, p in list(model.named_parameters())[:4]:
         digest.update(p.detach().float().cpu().numpy().tobytes()[:65536])
     return digest.hexdigest()[:16]
