@@ -77,7 +77,7 @@ def run(model, tok, segments, kv_store, mode: str, *, verify: bool, new_tokens: 
     row = {"mode": mode, "prompt_tokens": rep.prompt_tokens, "reused": rep.reused_tokens,
            "recomputed": rep.recomputed_tokens, "fresh": rep.fresh_tokens, "ttft_s": min(ttfts), "ttft_all_s": ttfts,
            "store_read_s": rep.store_read_s, "store_hits": rep.store_hits, "store_misses": rep.store_misses,
-           "store_writes": rep.store_writes, "text": result.text}
+           "store_writes": rep.store_writes, "text": result.text, "ids": result.ids}
     if rep.verify is not None:
         v = rep.verify
         row.update(kl_first=v.kl_first, kl_mean=v.kl_mean, top1_first=v.top1_first, top1_agreement=v.top1_agreement,
