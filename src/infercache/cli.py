@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-gates", help="retention_gates: train the gates of a model by distillation (CPU, minutes)")
     model_opts(p, default_model="stories260k")
-    p.add_argument("--memory", type=int, default=64, help="entries per layer and KV head the capacity loss aims at")
+    p.add_argument("--memory", type=int, default=128, help="entries per layer and KV head the capacity loss aims at")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)

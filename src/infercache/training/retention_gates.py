@@ -39,7 +39,7 @@ _LOCAL = threading.local()
 
 @dataclass
 class GateTrainingConfig:
-    memory: int = 64  # M: entries per layer and KV head the capacity loss aims at
+    memory: int = 128  # M: entries per layer and KV head the capacity loss aims at
     steps: int = 600
     seq_len: int = 256
     batch_size: int = 8
