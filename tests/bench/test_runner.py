@@ -7,19 +7,10 @@ import pytest
 from infercache.bench.records import RecordFile
 from infercache.bench.report import summarize, write_report
 from infercache.bench.runner import BenchConfig, run_bench, run_meta
-from infercache.models.weights import stories260k_dir
-from infercache.models import ModelNotAvailableError
+from infercache.models.weights import stories260k_available
 
 
-def _have_stories():
-    try:
-        stories260k_dir()
-        return True
-    except ModelNotAvailableError:
-        return False
-
-
-@pytest.mark.skipif(not _have_stories(), reason="the optional shared/models/stories260K folder is absent")
+@pytest.mark.skipif(not stories260k_available(), reason="the optional shared/models/stories260K folder is absent")
 def test_tiny_bench_end_to_end_and_resume(tmp_path):
     config = BenchConfig(model="stories260k", methods=["snapkv", "streaming_llm"], budgets=[0.25, 0.5],
                          tasks=["niah_single"], lengths=[200], samples=2, protocols=["question_aware", "question_agnostic"],

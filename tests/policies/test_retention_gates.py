@@ -7,6 +7,7 @@ import torch
 
 import infercache
 from infercache.cache.compressed_cache import CompressedLayer
+from infercache.models.weights import stories260k_available
 from infercache.policies.retention_gate_modules import GatesNotFoundError, RetentionGateSet, load_gates_for
 from infercache.policies.retention_gates import retention_score
 from infercache.policies.razor_heads import model_fingerprint
@@ -193,19 +194,8 @@ def test_training_lowers_the_loss_and_the_gates_load_with_the_cache(tiny, tmp_pa
     assert model.config._attn_implementation == "infercache"  # training restored the previous one, then the cache set its own
 
 
-def _have_stories():
-    from infercache.models import ModelNotAvailableError
-    from infercache.models.weights import stories260k_dir
-
-    try:
-        stories260k_dir()
-        return True
-    except ModelNotAvailableError:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _have_stories(), reason="the optional shared/models/stories260K folder is absent")
+@pytest.mark.skipif(not stories260k_available(), reason="the optional shared/models/stories260K folder is absent")
 def test_shipped_stories260k_gates_beat_untrained_gates_at_a_tenth():
     """The gates we ship for stories260k (benchmarks/retention_gates.py) are found without options and track the
     full cache better than bias-only gates on held-out samples (KL 0.0094 vs 0.045 in the benchmark)."""

@@ -78,6 +78,15 @@ def gemma3_gguf(work_dir: Path) -> Path:
     return target
 
 
+def stories260k_available() -> bool:
+    """Whether the optional stories260K folder can be found (see :func:`stories260k_dir`)."""
+    try:
+        stories260k_dir()
+        return True
+    except ModelNotAvailableError:
+        return False
+
+
 def stories260k_dir() -> Path:
     """The HF copy of stories260K: ``$INFERCACHE_STORIES260K`` or ``shared/models/stories260K`` beside the repo."""
     candidates = []
