@@ -241,6 +241,9 @@ def cmd_train_gates(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    from .diffusion.cli import add_parser as add_diffusion_parser
+
+    add_diffusion_parser(sub)
 
     p = sub.add_parser("models", help="list or prepare the reference models")
     p.add_argument("action", choices=["list", "prepare"])

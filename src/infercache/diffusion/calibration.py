@@ -168,3 +168,45 @@ def calibrate_magcache(pipe_or_transformer: Any, run: Callable[[], Any], **kwarg
             )
         out[branch] = [round(float(v), 5) for v in np.mean([r[:n] for r in runs], axis=0)]
     return out
+
+
+CALIBRATION_FORMAT = "infercache.diffusion.calibration/1"
+
+
+def save_calibration(path: str | Any, policy: str, values: Any, **meta: Any) -> None:
+    """Write calibrated values to JSON: ``policy`` is ``"teacache"`` (``values``: the polynomial coefficients) or
+    ``"magcache"`` (``values``: ratios, a list or a per-branch dict). ``meta`` (model, steps, fit quality, ...) is
+    stored alongside. ``enable_cache(model, policy, coefficients=path)`` / ``mag_ratios=path`` reads it back."""
+    import json
+    from pathlib import Path
+
+    key = _CALIBRATION_KEYS.get(policy)
+    if key is None:
+        raise ValueError(f"no calibration file format for policy {policy!r}; known: {', '.join(_CALIBRATION_KEYS)}")
+    doc = {"format": CALIBRATION_FORMAT, "policy": policy, key: values, **meta}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def load_calibration(path: str | Any, policy: str) -> Any:
+    """The calibrated values of ``policy`` stored by :func:`save_calibration` (clear errors on a wrong file)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"no calibration file {p}; make one with `infercache diffusion calibrate --policy {policy} --out {p}`"
+        )
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{p} is not valid JSON: {err}") from None
+    if not isinstance(doc, dict) or doc.get("format") != CALIBRATION_FORMAT:
+        raise ValueError(f"{p} is not an infercache calibration file (format {CALIBRATION_FORMAT!r})")
+    if doc.get("policy") != policy:
+        raise ValueError(f"{p} holds a {doc.get('policy')!r} calibration, not a {policy!r} one")
+    return doc[_CALIBRATION_KEYS[policy]]
+
+
+_CALIBRATION_KEYS = {"teacache": "coefficients", "magcache": "mag_ratios"}

@@ -89,14 +89,15 @@ def sample(
     num_steps: int = 20,
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
-    cfg_mode: Literal["batch", "calls"] = "batch",
+    cfg_mode: Literal["batch", "batch_uncond_first", "calls"] = "batch",
     latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the denoising loop and return images in ``[-1, 1]``, shape ``(B, C, H, W)``.
 
     ``guidance_scale > 1`` enables classifier-free guidance, either as one batched call per step
     (``cfg_mode="batch"``: ``[cond; uncond]``, like diffusers' ``DiTPipeline``) or as two separate calls
-    (``cfg_mode="calls"``: cond first, then uncond). ``latents`` overrides the initial noise.
+    (``cfg_mode="calls"``: cond first, then uncond). ``cfg_mode="batch_uncond_first"`` batches ``[uncond; cond]``
+    (the order diffusers' pipelines and FasterCache assume). ``latents`` overrides the initial noise.
     """
     labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
     b = labels.shape[0]
@@ -122,11 +123,20 @@ def sample(
             )[0]
             cond, uncond = out.chunk(2)
             v = uncond + guidance_scale * (cond - uncond)
+        elif cfg_mode == "batch_uncond_first":
+            out = transformer(
+                torch.cat([x, x]),
+                timestep=torch.cat([tb, tb]),
+                class_labels=torch.cat([null, labels]),
+                return_dict=False,
+            )[0]
+            uncond, cond = out.chunk(2)
+            v = uncond + guidance_scale * (cond - uncond)
         elif cfg_mode == "calls":
             cond = transformer(x, timestep=tb, class_labels=labels, return_dict=False)[0]
             uncond = transformer(x, timestep=tb, class_labels=null, return_dict=False)[0]
             v = uncond + guidance_scale * (cond - uncond)
         else:
-            raise ValueError(f"cfg_mode must be 'batch' or 'calls', got {cfg_mode!r}")
+            raise ValueError(f"cfg_mode must be 'batch', 'batch_uncond_first' or 'calls', got {cfg_mode!r}")
         x = scheduler.step(v, t, x).prev_sample
     return x.float().clamp(-1, 1)

@@ -50,3 +50,26 @@ def digit_accuracy(images: torch.Tensor, labels: torch.Tensor | list[int]) -> fl
     """Fraction of samples the classifier labels with their intended class (chance = 0.1)."""
     labels = np.asarray(torch.as_tensor(labels).cpu())
     return float((classify_digits(images) == labels).mean())
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, win_size: int = 7) -> float:
+    """Mean structural similarity of two image batches ``(B, C, H, W)`` (Wang et al. 2004), written here.
+
+    Follows scikit-image's defaults: a ``win_size x win_size`` uniform window (shrunk to the image size if
+    smaller), sample covariances (``N / (N - 1)``), ``K1 = 0.01``, ``K2 = 0.03``, the mean over valid window
+    positions, channels and images. ``data_range=2`` for images in ``[-1, 1]``.
+    """
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"ssim needs two (B, C, H, W) batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    w = min(win_size, a.shape[-1], a.shape[-2])
+    x, y = a.double().flatten(0, 1)[:, None], b.double().flatten(0, 1)[:, None]
+    pool = lambda t: torch.nn.functional.avg_pool2d(t, w, stride=1)  # noqa: E731
+    n = w * w
+    cov_norm = n / (n - 1) if n > 1 else 1.0
+    ux, uy = pool(x), pool(y)
+    vx = cov_norm * (pool(x * x) - ux * ux)
+    vy = cov_norm * (pool(y * y) - uy * uy)
+    vxy = cov_norm * (pool(x * y) - ux * uy)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return float(s.mean())

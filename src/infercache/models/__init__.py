@@ -116,6 +116,10 @@ def load(name: str, *, device: str | torch.device = "cpu", dtype="float32", attn
 
         transformer, scheduler = load_dit_digits(dtype=dtype)
         return transformer.to(device).eval(), scheduler
+    if name == "video-dit-moving-digits":
+        from ..diffusion.video.pretrained import load_video_dit
+
+        return load_video_dit().to(device=device, dtype=dtype).eval(), None
     if spec.source == "tiny-random":
         model, tokenizer = build_tiny(name.removeprefix("tiny-random-"), dtype=dtype)
     else:

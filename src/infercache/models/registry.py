@@ -82,6 +82,16 @@ REGISTRY: dict[str, ModelSpec] = {
         description="Class-conditional DiT trained by scripts/diffusion/train_dit_digits.py on 8x8 digits "
         "(rectified flow); load() returns (transformer, scheduler).",
     ),
+    "video-dit-moving-digits": ModelSpec(
+        name="video-dit-moving-digits",
+        architecture="CausalVideoDiT",
+        params="0.71M",
+        context=0,
+        license="Apache-2.0 (our weights; data: procedural clips of scikit-learn digits)",
+        source="bundled",
+        description="Causal chunk-by-chunk video DiT trained by scripts/diffusion/train_video_dit.py on 16x16 "
+        "moving-digit clips (teacher forcing, rectified flow); load() returns (model, None).",
+    ),
 }
 for _arch in TINY_ARCHS:
     REGISTRY[f"tiny-random-{_arch}"] = ModelSpec(

@@ -17,6 +17,8 @@ never skips. Ratios may be one list for every branch or a dict ``{"cond": [...],
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +117,10 @@ class MagCachePolicy(CachePolicy):
 
     def setup(self, transformer: torch.nn.Module, blocks: torch.nn.ModuleList | None) -> None:
         ratios = self.config.mag_ratios
+        if isinstance(ratios, (str, os.PathLike)) and str(ratios).endswith(".json"):
+            from ..calibration import load_calibration
+
+            ratios = load_calibration(ratios, "magcache")
         if isinstance(ratios, str):
             if ratios not in KNOWN_MAG_RATIOS:
                 raise ValueError(f"no shipped MagCache ratios named {ratios!r}; known: {', '.join(KNOWN_MAG_RATIOS)}")

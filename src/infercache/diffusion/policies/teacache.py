@@ -19,6 +19,8 @@ model; not in the paper).
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -115,6 +117,10 @@ class TeaCachePolicy(CachePolicy):
 
     def setup(self, transformer: torch.nn.Module, blocks: torch.nn.ModuleList | None) -> None:
         coeffs = self.config.coefficients
+        if isinstance(coeffs, (str, os.PathLike)) and str(coeffs).endswith(".json"):
+            from ..calibration import load_calibration
+
+            coeffs = load_calibration(coeffs, "teacache")
         if isinstance(coeffs, str):
             if coeffs not in KNOWN_COEFFICIENTS:
                 raise ValueError(f"no TeaCache coefficients named {coeffs!r}; known: {', '.join(KNOWN_COEFFICIENTS)}")

@@ -4,6 +4,7 @@ causal video transformer to exercise it, and a moving-digits clip generator (see
 from .kv_cache import ARCacheConfig, ARVideoKVCache, Segment, max_cache_tokens
 from .model import CausalVideoDiT, generate_video, rope
 from .moving_digits import MovingDigits, moving_digits
+from .pretrained import load_video_dit, save_video_grid, video_quality
 
 __all__ = [
     "ARCacheConfig",
@@ -12,7 +13,10 @@ __all__ = [
     "MovingDigits",
     "Segment",
     "generate_video",
+    "load_video_dit",
     "max_cache_tokens",
     "moving_digits",
     "rope",
+    "save_video_grid",
+    "video_quality",
 ]

@@ -5,8 +5,9 @@ embedding, and go through ``depth`` adaLN-Zero transformer blocks whose self-att
 embedding** (over frame positions, applied at attention time). Attention is causal at chunk granularity: a chunk
 sees the frames before it (through the cache) and all of its own frames. Output: the flow-matching velocity.
 
-It is untrained (random init) and exists to exercise the cache mechanics; the clip generator for a future
-``video-dit-moving-digits`` model is :mod:`infercache.diffusion.video.moving_digits`.
+Built in code it is random-init (mechanics tests); the trained ``video-dit-moving-digits`` checkpoint
+(``scripts/diffusion/train_video_dit.py`` on :mod:`infercache.diffusion.video.moving_digits` clips) is loaded by
+:func:`infercache.diffusion.video.pretrained.load_video_dit`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Procedural moving-digits clips (scikit-learn's 8x8 digits bouncing on a canvas), for a future
+"""Procedural moving-digits clips (scikit-learn's 8x8 digits bouncing on a canvas), the training data of the
 ``video-dit-moving-digits`` model: the video analogue of ``dit-digits``, small enough to train on a CPU.
 
 Each clip: ``num_digits`` digits (random class and sklearn sample) start at random positions with random integer
