@@ -32,10 +32,7 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from infercache import store
+from infercache.store.local_redis import LocalRedis
 from infercache.models import load
 from infercache.reuse import namespace_for
 from infercache.reuse.verify import full_prefill
@@ -54,50 +52,6 @@ from infercache.reuse.verify import full_prefill
 RESULTS = Path(__file__).resolve().parent / "results"
 COMPRESSIONS = (None, "zlib", "lzma")
 MB = 1e6  # throughput in decimal MB/s; sizes in MiB
-
-
-class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port, no persistence, working in its own temp folder."""
-
-    def __init__(self, folder: Path) -> None:
-        if shutil.which("redis-server") is None:
-            raise FileNotFoundError("redis-server is not on PATH (apt-get install redis-server)")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(folder), "--logfile", str(folder / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within 15 s (log: {folder}/redis.log)")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def version(self) -> str:
-        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
-        return out.split("v=")[1].split()[0] if "v=" in out else out.strip()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def text_ids(tokenizer, tokens: int) -> torch.Tensor:
@@ -182,13 +136,13 @@ def time_cells(model, tok, namespace, tiers: dict, cells: list[tuple[str, str | 
     return rows
 
 
-def open_tiers(workdir: Path, with_redis: bool) -> tuple[dict, RedisServer | None, str | None]:
+def open_tiers(workdir: Path, with_redis: bool) -> tuple[dict, LocalRedis | None, str | None]:
     tiers = {"memory://": store.open("memory://?max_bytes=4GiB"),
              "disk:TMP": store.open(f"disk:{workdir / 'disk'}?max_bytes=8GiB")}
     server, note = None, None
     if with_redis:
         try:
-            server = RedisServer(workdir / "redis")
+            server = LocalRedis(workdir / "redis").start()
             tiers["redis://"] = store.open(server.url, timeout=30.0, strict=True)
         except (FileNotFoundError, RuntimeError) as exc:
             note = f"Redis rows skipped: {exc}"

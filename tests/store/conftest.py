@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +9,7 @@ import pytest
 import torch
 
 from infercache.store import Namespace
+from infercache.store.local_redis import LocalRedis, free_port
 
 torch.set_num_threads(1)
 
@@ -42,66 +39,18 @@ def make_kv() -> KVFactory:
     return build
 
 
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def closed_redis_url() -> str:
     """A redis:// URL on a loopback port where nothing listens (Redis is down)."""
     return f"redis://127.0.0.1:{free_port()}/0"
 
 
-class RedisServer:
-    """A throwaway ``redis-server`` on loopback, without persistence, working in ``folder``."""
-
-    def __init__(self, folder: Path, port: int | None = None) -> None:
-        self.folder = folder
-        self.port = port or free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        pytest.fail(f"redis-server did not answer on port {self.port} within 15 s")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
-
-
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def redis_server(tmp_path: Path) -> Iterator[LocalRedis]:
     """A real redis-server when the binary is on PATH (CI installs it), else the test is skipped."""
-    if shutil.which("redis-server") is None:
+    if not LocalRedis.available():
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = RedisServer(tmp_path / "redis")
+    server = LocalRedis(tmp_path / "redis")
     server.start()
     try:
         yield server
