@@ -2,19 +2,25 @@
 
 Not a test: it prints tables and writes JSON. Two parts, on SmolLM2-135M-Instruct (8K context):
 
-* **text**: a 16K-token stream of literary filler with 8 facts of distinct kinds ("The secret colour is
-  turquoise.") planted at 5%, 15%, ... 95% of it. At checkpoints (4,000 and 8,000 tokens) and at the end, every fact
-  planted so far is asked (read-only questions: all see the same state). Methods: ``full`` (transformers'
-  ``DynamicCache``; only at the checkpoints, within the model's 8K context), ``sliding`` (``streaming_llm`` with
-  ``sinks=0``: the plain window), ``streaming_llm`` (4 sinks + window) and ``rekv`` (window + offloaded 32-token
-  blocks, top 8 per layer), all holding ``--budget`` (1024) entries.
+* **text**: a ``--tokens`` (default 32,768) stream of literary filler with 8 facts of distinct kinds ("The secret
+  colour is turquoise.") planted at 5%, 15%, ... 95% of it. At checkpoints (4,000, 8,000 and 16,384 tokens)
+  and at the end, every fact planted so far is asked (read-only questions: all see the same state), each timed.
+  Methods: ``full`` (transformers' ``DynamicCache``; only at the checkpoints within the model's 8K context),
+  ``sliding`` (``streaming_llm`` with ``sinks=0``: the plain window), ``streaming_llm`` (4 sinks + window) and
+  ``rekv`` (window + offloaded 32-token blocks, top 8 per layer, ``--max-blocks`` summaries), all holding
+  ``--budget`` (1024) entries. Every ``--trace-every`` tokens the bytes held are recorded (KV + metadata + ReKV's
+  summaries, and ReKV's store per tier), and plotted against the stream length (``--plot``).
 * **video** (mechanics): "frames" of 32 input embeddings: a static scene (embeddings of a scene sentence plus
   small noise, so consecutive frames are near-duplicates) with two event frames (embeddings of a caption naming
   an unguessable zeppelin, "Kelimo") planted at 10% and 50%, text time stamps in between. Reports bytes,
   tokens/s, how many layers' retrieved blocks contain the event (ReKV), and tokens merged by ``merge_frames``.
 
-    python benchmarks/stream_bench.py --out benchmarks/results/stream_bench.json
-    python benchmarks/stream_bench.py --quick      # a 2-minute smoke run
+    python benchmarks/stream_bench.py              # 27 min on a loaded 2-core CPU, 1 thread (JSON + memory plot)
+    python benchmarks/stream_bench.py --quick      # a 4-minute smoke run (results/stream_bench_quick.*)
+    python benchmarks/stream_bench.py --plot-only  # redraw the plot from the JSON
+    python benchmarks/stream_bench.py --tokens 65536 --checkpoints 16384,32768 --methods streaming_llm,rekv \
+        --max-blocks 2048 --parts text --out benchmarks/results/stream_bench_64k.json \
+        --plot docs/img/stream_memory_64k.png      # the 64K run in docs/stream.md (17 min)
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 import infercache.stream as stream_api
@@ -72,20 +79,33 @@ def build_text_stream(tokenizer, n_tokens: int, seed: int):
 
 
 # ---------------------------------------------------------------------------------------------- full context
+def dynamic_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers if getattr(layer, "keys", None) is not None)
+
+
 @torch.no_grad()
-def run_full(model, tokenizer, ids, facts, checkpoints: list[int], max_new: int, chunk: int = 512) -> list[dict]:
-    """transformers' DynamicCache over the stream up to each checkpoint (it must fit the model), asking there."""
+def run_full(model, tokenizer, ids, facts, checkpoints: list[int], max_new: int, chunk: int = 512,
+             trace_every: int = 1024) -> tuple[list[dict], list[dict]]:
+    """transformers' DynamicCache over the stream up to each checkpoint (it must fit the model), asking there.
+    Returns (results per checkpoint, memory trace)."""
     cache = DynamicCache(config=model.config)
-    results, fed, feed_s = [], 0, 0.0
+    results, trace, fed, feed_s = [], [{"tokens": 0, "bytes_held": 0}], 0, 0.0
+    bar = tqdm(total=checkpoints[-1], desc="full", unit="tok", leave=False)
     for checkpoint in checkpoints:
         start = time.perf_counter()
         for i in range(fed, checkpoint, chunk):
-            model(ids[None, i : min(i + chunk, checkpoint)], cache=cache, use_cache=True, logits_to_keep=1)
+            end = min(i + chunk, checkpoint)
+            model(ids[None, i:end], cache=cache, use_cache=True, logits_to_keep=1)
+            bar.update(end - i)
+            if end // trace_every > i // trace_every or end == checkpoint:  # crossed a trace point
+                trace.append({"tokens": end, "bytes_held": dynamic_bytes(cache)})
         fed = checkpoint
         feed_s += time.perf_counter() - start
-        nbytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-        answers = []
+        nbytes = dynamic_bytes(cache)
+        answers, ask_s = [], []
         for fact in [f for f in facts if f["at_token"] < checkpoint]:
+            t0 = time.perf_counter()
             text = TEMPLATE.replace("{question}", QUESTION.format(name=fact["name"])) + prefix(fact)
             q = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
             out = model(q, cache=cache, use_cache=True, logits_to_keep=1)
@@ -98,35 +118,59 @@ def run_full(model, tokenizer, ids, facts, checkpoints: list[int], max_new: int,
                 out = model(torch.tensor([[token]]), cache=cache, use_cache=True)
             answers.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
             cache.crop(-(cache.get_seq_length() - checkpoint))  # drop the question and answer
-        results.append({"answers": answers, "feed_s": feed_s, "bytes_held": nbytes, "tokens": checkpoint})
-    return results
+            ask_s.append(time.perf_counter() - t0)
+        results.append({"answers": answers, "feed_s": feed_s, "bytes_held": nbytes, "tokens": checkpoint,
+                        "ask_s": ask_s})
+    bar.close()
+    return results, trace
 
 
 # ---------------------------------------------------------------------------------------------- streams
+def store_tiers(stream) -> tuple[int, int]:
+    """(RAM, disk) bytes of ReKV's store (0, 0 for the other policies)."""
+    archive = getattr(stream.policy, "archive", None)
+    if archive is None:
+        return 0, 0
+    tiers = getattr(archive.tier, "tiers", [archive.tier])
+    ram = tiers[0].nbytes()
+    return ram, sum(t.nbytes() for t in tiers[1:])
+
+
 def run_stream(model, tokenizer, ids, facts, checkpoints: list[int], policy: str, budget: int, max_new: int,
-               **options) -> list[dict]:
-    """Feed ``ids`` in 1024-token pieces; at each checkpoint ask every fact planted so far (read-only)."""
-    results = []
+               trace_every: int = 1024, label: str = "", **options) -> tuple[list[dict], list[dict]]:
+    """Feed ``ids`` in ``trace_every``-token pieces, recording the bytes held after each; at each checkpoint ask
+    every fact planted so far (read-only), timing each question. Returns (results per checkpoint, memory trace)."""
+    results, trace = [], [{"tokens": 0, "bytes_held": 0, "kv_bytes": 0, "store_ram": 0, "store_disk": 0}]
+    bar = tqdm(total=checkpoints[-1], desc=label or policy, unit="tok", leave=False)
     with stream_api.open(model, tokenizer, policy, budget=budget, **options) as stream:
         feed_s, peak, fed = 0.0, 0, 0
         for checkpoint in checkpoints:
             start = time.perf_counter()
             while fed < checkpoint:
-                piece = ids[fed : min(fed + 1024, checkpoint)]
+                piece = ids[fed : min(fed + trace_every - fed % trace_every, checkpoint)]
                 stream.feed(ids=piece)
                 fed += piece.numel()
+                bar.update(piece.numel())
                 peak = max(peak, stream.nbytes())
+                ram, disk = store_tiers(stream)
+                trace.append({"tokens": fed, "bytes_held": stream.nbytes(), "kv_bytes": stream.cache.nbytes(),
+                              "store_ram": ram, "store_disk": disk})
             feed_s += time.perf_counter() - start
             asked = [f for f in facts if f["at_token"] < checkpoint]
-            answers, hits = [], []
+            answers, hits, ask_s = [], [], []
             for fact in asked:
+                t0 = time.perf_counter()
                 answers.append(stream.ask(QUESTION.format(name=fact["name"]), max_new_tokens=max_new,
                                           prefix=prefix(fact)))
+                ask_s.append(time.perf_counter() - t0)
                 if policy == "rekv":
                     hits.append(retrieval_hit(stream, fact["at_token"], options.get("block_size", 32)))
+            ram, disk = store_tiers(stream)
             results.append({"answers": answers, "feed_s": feed_s, "bytes_held": peak, "tokens": checkpoint,
-                            "stats": stream.stats(), "fact_retrieved_by_layers": hits})
-    return results
+                            "stats": stream.stats(), "fact_retrieved_by_layers": hits, "ask_s": ask_s,
+                            "store_ram": ram, "store_disk": disk})
+    bar.close()
+    return results, trace
 
 
 def retrieval_hit(stream, at_token: int, block_size: int) -> float:
@@ -138,37 +182,54 @@ def retrieval_hit(stream, at_token: int, block_size: int) -> float:
     return hits / len(fetched)
 
 
-def text_part(model, tokenizer, args) -> list[dict]:
+def position_of(depth: float) -> str:
+    return "early" if depth < 1 / 3 else "middle" if depth < 2 / 3 else "late"
+
+
+def text_part(model, tokenizer, args) -> tuple[list[dict], dict]:
     ids, facts = build_text_stream(tokenizer, args.tokens, args.seed)
+    for fact, depth in zip(facts, DEPTHS):
+        fact["depth"], fact["part"] = depth, position_of(depth)
     checkpoints = sorted({min(c, args.tokens) for c in args.checkpoints} | {args.tokens})
-    runs = []
+    runs, traces = [], {}
+    methods = set(args.methods.split(","))
     fits = [c for c in checkpoints if c + 64 <= model.config.max_position_embeddings]
-    if fits:
+    if fits and "full" in methods:
         print(f"[text] full context, up to {fits[-1]} tokens ...", flush=True)
-        runs.append(("full", run_full(model, tokenizer, ids, facts, fits, args.max_new)))
+        results, traces["full"] = run_full(model, tokenizer, ids, facts, fits, args.max_new,
+                                           trace_every=args.trace_every)
+        runs.append(("full", results))
     for name, policy, options in [("sliding", "streaming_llm", {"sinks": 0}), ("streaming_llm", "streaming_llm", {}),
-                                  ("rekv", "rekv", {"block_size": 32, "topk": 8})]:
+                                  ("rekv", "rekv", {"block_size": 32, "topk": 8, "max_blocks": args.max_blocks})]:
+        if name not in methods:
+            continue
         print(f"[text] {name}, {args.tokens} tokens, budget {args.budget} ...", flush=True)
-        runs.append((name, run_stream(model, tokenizer, ids, facts, checkpoints, policy, args.budget, args.max_new,
-                                      **options)))
+        results, traces[name] = run_stream(model, tokenizer, ids, facts, checkpoints, policy, args.budget,
+                                           args.max_new, trace_every=args.trace_every, label=name, **options)
+        runs.append((name, results))
     rows = []
     for name, results in runs:
         for res in results:
             asked = [f for f in facts if f["at_token"] < res["tokens"]]
             correct = [f["key"].lower() in a.lower() for f, a in zip(asked, res["answers"])]
             in_window = [res["tokens"] - f["at_token"] <= args.budget for f in asked]
+            by_part = {part: [sum(ok for ok, f in zip(correct, asked) if f["part"] == part),
+                              sum(f["part"] == part for f in asked)] for part in ("early", "middle", "late")}
             row = {"part": "text", "at_tokens": res["tokens"], "method": name,
                    "budget": None if name == "full" else args.budget, "correct": sum(correct), "asked": len(asked),
-                   "per_fact": "".join("x" if ok else "." for ok in correct),
+                   "per_fact": "".join("x" if ok else "." for ok in correct), "by_part": by_part,
                    "correct_outside_window": sum(ok for ok, w in zip(correct, in_window) if not w),
                    "outside_window": sum(not w for w in in_window),
                    "bytes_held": res["bytes_held"], "tokens_per_s": res["tokens"] / res["feed_s"],
+                   "ask_s": res["ask_s"], "ask_s_mean": sum(res["ask_s"]) / max(len(res["ask_s"]), 1),
                    "answers": res["answers"], "facts": asked,
-                   **{k: v for k, v in res.items() if k in ("stats", "fact_retrieved_by_layers")}}
+                   **{k: v for k, v in res.items() if k in ("stats", "fact_retrieved_by_layers", "store_ram",
+                                                             "store_disk")}}
             print(f"   {name} @ {res['tokens']}: {row['correct']}/{row['asked']} {row['per_fact']} "
-                  f"{row['bytes_held'] / 2**20:.1f} MiB {row['tokens_per_s']:.0f} tok/s {res['answers']}", flush=True)
+                  f"{row['bytes_held'] / 2**20:.1f} MiB {row['tokens_per_s']:.0f} tok/s "
+                  f"ask {row['ask_s_mean']:.2f} s {res['answers']}", flush=True)
             rows.append(row)
-    return rows
+    return rows, traces
 
 
 # ---------------------------------------------------------------------------------------------- video
@@ -220,13 +281,20 @@ def video_part(model, tokenizer, args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def mib(n) -> str:
+    return f"{n / 2**20:.1f}"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| stream position | method | budget | correct | per fact, oldest first | beyond the window | "
-             "bytes held (MiB) | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| stream position | method | budget | correct | per fact, oldest first | early / middle / late | "
+             "beyond the window | bytes held (MiB) | store RAM + disk (MiB) | s per question | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in rows if r["part"] == "text"), key=lambda r: r["at_tokens"]):
+        parts = " / ".join(f"{ok}/{n}" if n else "-" for ok, n in r["by_part"].values())
+        store = f"{mib(r['store_ram'])} + {mib(r['store_disk'])}" if r.get("store_ram") or r.get("store_disk") else "-"
         lines.append(f"| {r['at_tokens']} | {r['method']} | {r['budget'] or 'all'} | {r['correct']}/{r['asked']} | "
-                     f"`{r['per_fact']}` | {r['correct_outside_window']}/{r['outside_window']} | "
-                     f"{r['bytes_held'] / 2**20:.1f} | {r['tokens_per_s']:.0f} |")
+                     f"`{r['per_fact']}` | {parts} | {r['correct_outside_window']}/{r['outside_window']} | "
+                     f"{mib(r['bytes_held'])} | {store} | {r['ask_s_mean']:.2f} | {r['tokens_per_s']:.0f} |")
     video = [r for r in rows if r["part"] == "video"]
     if video:
         lines += ["", "| video | method | bytes held (MiB) | store (MiB) | merged tokens | event retrieved (layers) | "
@@ -235,49 +303,115 @@ def table(rows: list[dict]) -> str:
             s = r["stats"]
             hits = ", ".join(f"{h:.0%}" for h in r["event_retrieved_by_layers"]) or "-"
             lines.append(f"| {r['frames']} frames, {r['tokens']} tokens | {r['method']} | "
-                         f"{r['bytes_held'] / 2**20:.1f} | "
-                         f"{s.get('store_bytes', 0) / 2**20:.1f} | {s.get('merged_tokens', '-')} | {hits} | "
+                         f"{mib(r['bytes_held'])} | "
+                         f"{mib(s.get('store_bytes', 0))} | {s.get('merged_tokens', '-')} | {hits} | "
                          f"{r['answer']!r} | {r['tokens_per_s']:.0f} |")
     return "\n".join(lines)
+
+
+def plot(traces: dict, meta: dict, path: Path) -> None:
+    """Memory held vs stream length, from the recorded traces (left: RAM held by the stream; right: ReKV's store)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    styles = {"full": ("black", "-", "full context (DynamicCache)"), "sliding": ("tab:orange", "-", "sliding window"),
+              "streaming_llm": ("tab:blue", "--", "streaming_llm"),
+              "rekv": ("tab:green", "-", "rekv: KV + block summaries (RAM)")}
+    for name, (color, ls, label) in styles.items():
+        trace = traces.get(name)
+        if not trace:
+            continue
+        x = [t["tokens"] / 1000 for t in trace]
+        left.plot(x, [t["bytes_held"] / 2**20 for t in trace], color=color, ls=ls, lw=2, label=label)
+        longest = max(t["tokens"] for tr in traces.values() for t in tr)
+        if name == "full" and trace[-1]["tokens"] < longest:
+            left.annotate(f"stops: the model's context\nis {meta.get('context', 8192)} tokens",
+                          (x[-1], trace[-1]["bytes_held"] / 2**20), textcoords="offset points", xytext=(8, -12),
+                          fontsize=8)
+    rekv = traces.get("rekv")
+    if rekv:
+        x = [t["tokens"] / 1000 for t in rekv]
+        left.plot(x, [t["kv_bytes"] / 2**20 for t in rekv], color="tab:green", ls=":", lw=1.5,
+                  label="rekv: KV only")
+        ram = [t["store_ram"] / 2**20 for t in rekv]
+        disk = [t["store_disk"] / 2**20 for t in rekv]
+        right.stackplot(x, ram, disk, labels=["RAM tier (capped)", "disk tier"], colors=["tab:green", "#b5d9b5"])
+        right.set_title("rekv: offloaded blocks (store)", fontsize=10)
+        right.set_xlabel("stream length (K tokens)")
+        right.set_ylabel("MiB")
+        right.legend(loc="upper left", fontsize=8)
+        right.grid(alpha=0.3)
+    left.set_title(f"RAM held by the stream (budget {meta.get('budget')} entries)", fontsize=10)
+    left.set_xlabel("stream length (K tokens)")
+    left.set_ylabel("MiB")
+    left.set_ylim(bottom=0)
+    left.legend(fontsize=8, loc="center right")
+    left.grid(alpha=0.3)
+    fig.suptitle(f"{meta.get('model')} fp32, {meta.get('date')}: memory vs stream length", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tokens", type=int, default=16384, help="text stream length")
-    parser.add_argument("--checkpoints", default="4000,8000",
+    parser.add_argument("--tokens", type=int, default=32768, help="text stream length")
+    parser.add_argument("--checkpoints", default="4000,8000,16384",
                         help="also ask at these points (full context runs where it fits the model's 8K window)")
     parser.add_argument("--budget", type=int, default=1024)
+    parser.add_argument("--max-blocks", type=int, default=1024, help="rekv: blocks (and summaries) kept")
+    parser.add_argument("--trace-every", type=int, default=1024, help="record the bytes held every N tokens")
     parser.add_argument("--frames", type=int, default=80)
     parser.add_argument("--max-new", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", default="text,video")
-    parser.add_argument("--quick", action="store_true", help="3K-token stream (checkpoint 1.5K), budget 512, 30 frames")
-    parser.add_argument("--out", default="benchmarks/results/stream_bench.json")
+    parser.add_argument("--methods", default="full,sliding,streaming_llm,rekv", help="text part: methods to run")
+    parser.add_argument("--quick", action="store_true",
+                        help="3K-token stream (checkpoint 1.5K), budget 512, 30 frames; writes *_quick files")
+    parser.add_argument("--out", default=None, help="JSON (default benchmarks/results/stream_bench.json)")
+    parser.add_argument("--plot", default=None, help="memory plot (default docs/img/stream_memory.png)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --out and exit")
     args = parser.parse_args()
+    suffix = "_quick" if args.quick else ""
+    out = Path(args.out or f"benchmarks/results/stream_bench{suffix}.json")
+    plot_path = Path(args.plot or ("benchmarks/results/stream_bench_quick.png" if args.quick
+                                   else "docs/img/stream_memory.png"))
+    if args.plot_only:
+        saved = json.loads(out.read_text())
+        plot(saved["memory_trace"], saved["meta"], plot_path)
+        return
     if args.quick:
-        args.tokens, args.checkpoints, args.budget, args.frames = 3072, "1536", 512, 30
+        args.tokens, args.checkpoints, args.budget, args.frames, args.trace_every = 3072, "1536", 512, 30, 256
     args.checkpoints = [int(c) for c in str(args.checkpoints).split(",") if c]
     torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model)
     started = time.perf_counter()
-    rows = []
+    rows, traces = [], {}
     if "text" in args.parts:
-        rows += text_part(model, tokenizer, args)
+        text_rows, traces = text_part(model, tokenizer, args)
+        rows += text_rows
     if "video" in args.parts:
         rows += video_part(model, tokenizer, args)
     total = time.perf_counter() - started
     report = table(rows)
     print(report)
     print(f"total {total:.0f} s")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "date": date.today().isoformat(), "machine": platform.machine(),
-            "processor": platform.processor(), "threads": args.threads, "seconds": total,
+            "processor": platform.processor(), "threads": args.threads, "torch": torch.__version__,
+            "seconds": total, "budget": args.budget, "context": model.config.max_position_embeddings,
             "args": {k: v for k, v in vars(args).items()}}
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "table": report}, indent=1, default=str))
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "table": report, "memory_trace": traces}, indent=1,
+                              default=str))
     print(f"wrote {out}")
+    if traces:
+        plot(traces, meta, plot_path)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,29 @@ def make_ids():
         return torch.randint(3, 250, (n,), generator=g)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def one_layer():
+    """``one_layer(arch)``: a one-layer tiny model (``llama``, ``qwen3``, or ``gemma3`` with its one layer a 32-token
+    sliding window). Its keys and values depend on the token alone, so after any eviction the stream must equal a
+    fresh forward over the kept tokens at positions ``0..N-1``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from infercache.models.tiny import TINY_CONFIGS, byte_tokenizer
+
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cfg = {**TINY_CONFIGS[arch], "num_hidden_layers": 1}
+            if arch == "gemma3":
+                cfg["layer_types"] = ["sliding_attention"]
+            config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(config).eval()
+            cache[arch] = (model, byte_tokenizer())
+        return cache[arch]
+
+    return get

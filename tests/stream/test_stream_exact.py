@@ -110,3 +110,37 @@ def test_question_is_read_only_and_keep_answer_keeps_it(tiny, make_ids):
         b.ask("what?", max_new_tokens=5, keep_answer=True)
         assert b.held_tokens <= 128 and b.seen > 300 and held <= 128
         assert torch.equal(b.positions(), torch.arange(b.held_tokens))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("policy,options", [
+    ("streaming_llm", {}),
+    ("streaming_llm", {"sinks": 0}),
+    ("streaming_vlm", {}),  # text-only: sinks + older-text sink + older-text window + recent text (not contiguous)
+    ("rekv", {"block_size": 16, "store": "memory://"}),
+])
+def test_after_eviction_the_stream_is_a_fresh_forward_over_the_kept_tokens(one_layer, make_ids, arch, policy,
+                                                                            options):
+    """With one layer, keys and values depend on the token alone: after evicting and re-positioning, the stream's
+    logits (and greedy answers) must be those of a fresh forward over the kept tokens at positions ``0..N-1``
+    (gemma3: a 32-token sliding window, applied by the stream's mask and by transformers' own)."""
+    model, tok = one_layer(arch)
+    ids = make_ids(1000, seed=3)
+    with stream_api.open(model, tok, policy, budget=96, chunk_size=20, **options) as s:
+        s.feed(ids=ids)
+        kept = s.cache.entries.index.clone()  # the last chunk attended over exactly these (evictions come before)
+        logits = s.last_logits.clone()
+        answer = None if policy == "rekv" else s.ask("Q?", max_new_tokens=6, template="{question}")
+    assert 0 < kept.numel() <= 96 and int(kept[-1]) == 999  # most of the stream was evicted
+    assert int(kept[0]) == (904 if options.get("sinks") == 0 else 0)  # sinks kept, re-positioned next to the window
+    if policy == "streaming_vlm":
+        assert not torch.equal(kept, torch.arange(int(kept[0]), 1000)[-kept.numel():])  # gaps inside
+    fresh = ids[kept][None]
+    with torch.no_grad():
+        ref = model(fresh, position_ids=torch.arange(kept.numel())[None]).logits[0, -1]
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    if answer is not None:
+        question = tok("Q?", add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(torch.cat([fresh, question], 1), max_new_tokens=6, do_sample=False)
+        assert answer == tok.decode(out[0, fresh.shape[1] + question.shape[1]:], skip_special_tokens=True).strip()

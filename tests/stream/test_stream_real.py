@@ -53,3 +53,29 @@ def test_rekv_recalls_a_fact_the_window_evicted(smollm2):
     assert "turquoise" in answers["rekv"].lower()
     assert "turquoise" not in answers["streaming_llm"].lower()  # the fact left the window 1,300 tokens ago
     assert hits >= len(fetched) // 2  # most layers retrieved the block holding the fact
+
+
+def test_gemma3_local_layers_match_full_layers_and_save_memory():
+    """Gemma-3-270M (15 sliding-window layers of 512, 3 global): sliding layers that hold only their sinks and window
+    give the same logits and answer as layers that hold the whole budget, in about a third of the memory."""
+    from infercache.models import load
+
+    model, tok = load("gemma3-270m")
+    ids = torch.tensor(_filler(tok, 1700))
+    with stream_api.open(model, tok, "streaming_llm", budget=1024, chunk_size=256) as s, \
+            stream_api.open(model, tok, "streaming_llm", budget=1024, chunk_size=256) as ref:
+        for layer in ref.cache.layers:
+            layer.window = None  # the reference: every layer holds the budget
+        assert sum(layer.window == 512 for layer in s.cache.layers) == 15
+        for start in range(0, ids.numel(), 425):
+            s.feed(ids=ids[start : start + 425])
+            ref.feed(ids=ids[start : start + 425])
+        assert s.held_tokens == ref.held_tokens == 1024
+        lengths = {layer.get_seq_length() for layer in s.cache.layers}
+        assert lengths == {4 + 511, 1024}
+        torch.testing.assert_close(s.last_logits, ref.last_logits, atol=2e-4, rtol=1e-4)
+        assert s.ask("Who is speaking?", max_new_tokens=8) == ref.ask("Who is speaking?", max_new_tokens=8)
+        per_entry = 2 * 1 * 256 * 4  # keys + values, 1 KV head of 256, fp32
+        meta = s.cache.entries.nbytes()
+        assert s.nbytes() == (15 * 515 + 3 * 1024) * per_entry + meta
+        assert ref.nbytes() == 18 * 1024 * per_entry + meta

@@ -130,3 +130,38 @@ def test_merge_frames_in_a_stream(tiny, make_ids):
         stored = sum(info.entries for info in s.policy.archive.blocks)
         assert stored + stats["merged_tokens"] == sum(info.tokens for info in s.policy.archive.blocks)
         assert s.ask("what moved?", max_new_tokens=2) is not None
+
+
+def test_rekv_retrieves_the_block_that_holds_a_planted_fact(one_layer, make_ids):
+    """End to end in a stream: two "facts" (32 copies of one token, each exactly one offloaded block) are planted in
+    random text; a question made of a fact's token retrieves that fact's block first. The model is the one-layer
+    tiny llama with its query projection tied to its key projection, so the question's mean pre-RoPE query equals
+    the fact block's mean pre-RoPE key (its summary) and relevance is a real property of the weights."""
+    import copy
+
+    base, tok = one_layer("llama")
+    model = copy.deepcopy(base)
+    attn = model.model.layers[0].self_attn
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    k_w = attn.k_proj.weight.detach().view(model.config.num_key_value_heads, -1, attn.k_proj.weight.shape[-1])
+    attn.q_proj.weight.data.copy_(k_w.repeat_interleave(group, dim=0).reshape_as(attn.q_proj.weight))
+    x, y = tok("Z", add_special_tokens=False)["input_ids"][0], tok("Q", add_special_tokens=False)["input_ids"][0]
+    ids = make_ids(1200, seed=7)
+    ids = ids[(ids != x) & (ids != y)][:1100]
+    sinks, block = 4, 32
+    at = {x: sinks + 5 * block, y: sinks + 20 * block}  # block-aligned: blocks leave the window at 4 + 32 k
+    for token, start in at.items():
+        ids[start : start + block] = token
+    with stream_api.open(model, tok, "rekv", budget=128, block_size=block, topk=2, store="memory://") as s:
+        s.feed(ids=ids)
+        starts = [info.start for info in s.policy.archive.blocks]
+        assert at[x] in starts and at[y] in starts  # both facts were offloaded, each as one block
+        for token, char in ((x, "Z"), (y, "Q")):
+            s.ask(char * 12, max_new_tokens=1, template="{question}")
+            fetched = s.policy.last_fetched[0]
+            assert at[token] in fetched, (char, fetched)
+            # and it is the best block, not just one of the top 2
+            with torch.no_grad():
+                q = attn.q_proj(model.model.layers[0].input_layernorm(model.model.embed_tokens.weight[token]))
+            top1 = s.policy.archive.top_k(0, q.view(model.config.num_attention_heads, -1), 1)
+            assert s.policy.archive.blocks[top1[0]].start == at[token]

@@ -11,8 +11,16 @@ closed with :meth:`commit` (or :meth:`abort`). In ``update`` a layer
    them (so a stream that never evicted is the plain model up to float rounding: tested).
 
 Eviction (:meth:`keep`) drops entries from every layer and re-positions the rest contiguously
-(:func:`~infercache.stream.positions.reposition`), so positions never exceed the number of held entries. The
-attention itself is the ``"infercache_stream"`` function (:mod:`infercache.stream.attention`), which builds the
+(:func:`~infercache.stream.positions.reposition`), so positions never exceed the number of held entries.
+
+Sliding-window layers (Gemma-3's local layers) are *local* when the policy allows it
+(:meth:`~infercache.stream.policies.base.StreamPolicy.local_window_ok`: evictions keep the sinks and drop only the
+oldest of the rest, and the window is smaller than the budget): after every fed chunk they keep only the sinks and
+the newest ``window - 1`` entries (:meth:`StreamCache.trim`). No later eviction can bring an older entry back into
+their window, so their outputs are unchanged (tested), and they hold ``sinks + window - 1`` entries instead of
+``budget``. ReKV neither offloads nor retrieves for a local layer (its window never reaches the retrieved blocks).
+
+The attention itself is the ``"infercache_stream"`` function (:mod:`infercache.stream.attention`), which builds the
 causal mask from the cache (and Gemma-3's sliding window), and lets ReKV insert retrieved blocks after the sinks.
 """
 
@@ -40,7 +48,11 @@ class Retrieval(Protocol):
 
 
 class StreamLayer(CacheLayerMixin):
-    """One attention layer of a :class:`StreamCache` (full or sliding: the sliding window is applied by the mask)."""
+    """One attention layer of a :class:`StreamCache` (full or sliding: the sliding window is applied by the mask).
+
+    ``window`` is set for a *local* layer: it holds the first ``head`` entries of the cache (its sinks) and the newest
+    ones, at most ``window - 1`` of those between feeds.
+    """
 
     is_compileable = False
     is_croppable = False
@@ -54,6 +66,9 @@ class StreamLayer(CacheLayerMixin):
         self.keys: torch.Tensor | None = None  # pre-RoPE
         self.values: torch.Tensor | None = None
         self.retrieved = None  # ReKV: (keys, values, bias) fetched for the current question
+        self.window: int | None = None  # local layer: keep only the sinks and the newest ``window - 1`` entries
+        self.sinks = 0
+        self.head = 0  # local layer holding fewer entries than the cache: how many of its first entries it holds
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -73,6 +88,9 @@ class StreamLayer(CacheLayerMixin):
                 f"infercache.stream: layer {self.layer_idx} got {key_states.shape[2]} new keys but the stream opened "
                 f"a forward of {cos_new.shape[0]}; drive the model through stream.feed/ask"
             )
+        rows = self.rows(cos_old.shape[0])
+        if rows is not None:
+            cos_old, sin_old = cos_old[rows], sin_old[rows]
         old = apply_rope(self.keys, cos_old, sin_old)
         self.keys = torch.cat([self.keys, apply_rope(key_states, cos_new, sin_new, inverse=True)], dim=2)
         self.values = torch.cat([self.values, value_states], dim=2)
@@ -83,7 +101,7 @@ class StreamLayer(CacheLayerMixin):
     def attention_inputs(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
         """Keys, values and an optional per-key logit bias for the attention (ReKV inserts retrieved blocks)."""
         retrieval = self.owner.retrieval
-        if retrieval is None:
+        if retrieval is None or self.window is not None:  # a local layer's window never reaches retrieved blocks
             return keys, values, None
         if self.retrieved is None:
             _, _, cos_new, sin_new = self.owner.rope(self.layer_type)
@@ -119,11 +137,40 @@ class StreamLayer(CacheLayerMixin):
 
     reorder_cache = batch_repeat_interleave = batch_select_indices = crop = _unsupported
 
-    def select(self, idx: torch.Tensor) -> None:
-        if self.keys is not None:
-            idx = idx.to(self.keys.device)
-            self.keys = self.keys[:, :, idx]
-            self.values = self.values[:, :, idx]
+    def rows(self, total: int) -> torch.Tensor | None:
+        """Which of the cache's ``total`` entries this layer holds (``None``: all of them)."""
+        held = self.get_seq_length()
+        if held == total:
+            return None
+        return torch.cat([torch.arange(self.head), torch.arange(total - (held - self.head), total)])
+
+    def select(self, idx: torch.Tensor, total: int | None = None) -> None:
+        """Keep entries ``idx`` (sorted indices into the cache's ``total`` entries; a local layer maps them onto
+        the entries it holds and forgets the others: they are outside its window)."""
+        if self.keys is None:
+            return
+        held = self.keys.shape[2]
+        if total is not None and held != total:
+            tail_start = total - (held - self.head)
+            first = idx[idx < self.head]
+            idx = torch.cat([first, idx[idx >= tail_start] - tail_start + self.head])
+            self.head = first.numel()
+        idx = idx.to(self.keys.device)
+        self.keys = self.keys[:, :, idx]
+        self.values = self.values[:, :, idx]
+
+    def trim(self, total: int) -> None:
+        """A local layer keeps its sinks and its newest ``window - 1`` entries (copied: the memory is freed)."""
+        if self.window is None or self.keys is None:
+            return
+        held = self.keys.shape[2]
+        if held == total:
+            self.head = min(self.sinks, total)
+        extra = held - self.head - (self.window - 1)
+        if extra > 0:
+            keep = torch.cat([torch.arange(self.head), torch.arange(self.head + extra, held)]).to(self.keys.device)
+            self.keys = self.keys[:, :, keep]
+            self.values = self.values[:, :, keep]
 
     def nbytes(self) -> int:
         if self.keys is None:
@@ -145,6 +192,8 @@ class StreamCache(Cache):
                     "can be streamed"
                 )
         super().__init__(layers=[StreamLayer(self, i, t) for i, t in enumerate(layer_types)])
+        window = getattr(text_config, "sliding_window", None)
+        self.sliding_window = int(window) if window and "sliding_attention" in layer_types else None
         self.rotary = rotary
         self.entries = Entries.empty(rotary.dims)
         self.pending: Entries | None = None
@@ -152,6 +201,7 @@ class StreamCache(Cache):
         self._shift: tuple[int, int] = (0, 0)
         self._rope: dict[str, tuple] = {}
         self._old_rope: dict[str, tuple] = {}  # cos/sin of the held entries, valid until they move
+        self._lengths: list[int] = []  # entries each layer held when the open forward began
 
     # ------------------------------------------------------------------ one forward
     def begin(self, new: Entries, *, shift_from: int = 0, shift: int = 0) -> torch.Tensor:
@@ -163,6 +213,7 @@ class StreamCache(Cache):
         if self.pending is not None:
             raise RuntimeError("infercache.stream: a forward is already open on this cache")
         self.pending = new
+        self._lengths = [layer.get_seq_length() for layer in self.layers]
         self._shift = (shift_from, shift)
         self._rope = {}
         pos = new.pos + shift
@@ -195,9 +246,8 @@ class StreamCache(Cache):
     def commit(self) -> None:
         """Close the forward: the new entries are held (every layer must have seen them)."""
         new, shift = self.pending, self._shift[1]
-        n = len(self.entries) + len(new)
-        for layer in self.layers:
-            if layer.get_seq_length() != n:
+        for layer, before in zip(self.layers, self._lengths):
+            if layer.get_seq_length() != before + len(new):
                 self.abort()
                 raise RuntimeError(f"infercache.stream: layer {layer.layer_idx} did not see the forward")
         if not shift:
@@ -211,8 +261,7 @@ class StreamCache(Cache):
 
     def abort(self) -> None:
         """Close the forward without keeping it (a failed forward leaves no half-updated layer behind)."""
-        n = len(self.entries)
-        for layer in self.layers:
+        for layer, n in zip(self.layers, self._lengths or [len(self.entries)] * len(self.layers)):
             if layer.keys is not None and layer.keys.shape[2] != n:
                 layer.keys = layer.keys[:, :, :n]
                 layer.values = layer.values[:, :, :n]
@@ -227,7 +276,7 @@ class StreamCache(Cache):
         idx = torch.as_tensor(idx, dtype=torch.long)
         before = len(self.entries)
         for layer in self.layers:
-            layer.select(idx)
+            layer.select(idx, before)
         entries = self.entries.take(idx)
         entries.pos = reposition(entries.index, entries.pos)
         moved = not torch.equal(entries.pos, self.entries.pos[..., idx])
@@ -238,15 +287,34 @@ class StreamCache(Cache):
             self._old_rope = {k: (c[idx.to(c.device)], s[idx.to(s.device)])
                               for k, (c, s) in self._old_rope.items() if c.shape[0] == before}
 
+    def make_local(self, sinks: int) -> None:
+        """Make the sliding-window layers local: from now on :meth:`trim` keeps only their sinks and window."""
+        if self.held:
+            raise RuntimeError("infercache.stream: layers become local before the first forward")
+        for layer in self.layers:
+            if layer.layer_type == "sliding_attention" and self.sliding_window:
+                layer.window, layer.sinks = self.sliding_window, sinks
+
+    def trim(self) -> None:
+        """Local (sliding-window) layers drop what no later token can see (after each fed chunk)."""
+        if self.pending is not None:
+            raise RuntimeError("infercache.stream: cannot trim while a forward is open")
+        for layer in self.layers:
+            layer.trim(len(self.entries))
+
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` entries (drop a question and its answer after ``ask``)."""
         if n < len(self.entries):
             self.keep(torch.arange(n))
 
-    def kv(self, idx: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Pre-RoPE ``(keys, values)`` of entries ``idx`` per layer, ``[H, n, D]`` (for offloading)."""
+    def kv(self, idx: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Pre-RoPE ``(keys, values)`` of entries ``idx`` per layer, ``[H, n, D]`` (for offloading); ``None`` for a
+        local layer (it does not hold old entries and never retrieves)."""
         out = []
         for layer in self.layers:
+            if layer.window is not None:
+                out.append(None)
+                continue
             i = idx.to(layer.keys.device)
             out.append((layer.keys[0, :, i], layer.values[0, :, i]))
         return out
@@ -254,6 +322,10 @@ class StreamCache(Cache):
     # ------------------------------------------------------------------ reports
     def __len__(self) -> int:  # number of layers, as transformers expects
         return len(self.layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Entries held (the same for every layer but local ones, which hold only their sinks and window)."""
+        return len(self.entries)
 
     @property
     def held(self) -> int:

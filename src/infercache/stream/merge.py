@@ -50,7 +50,11 @@ def merge_block(kv: list[tuple[torch.Tensor, torch.Tensor]], groups: torch.Tenso
     first = torch.full((count,), groups.numel(), dtype=torch.long).scatter_reduce(
         0, groups, torch.arange(groups.numel()), "amin")
     merged = []
-    for keys, values in kv:
+    for pair in kv:
+        if pair is None:  # a layer that stores nothing (a local sliding-window layer)
+            merged.append(None)
+            continue
+        keys, values = pair
         g = groups.to(keys.device)
         scale = counts.to(keys.device, torch.float32)[None, :, None]
         k = torch.zeros(keys.shape[0], count, keys.shape[2], dtype=torch.float32, device=keys.device)

@@ -74,16 +74,18 @@ class BlockArchive:
     # ------------------------------------------------------------------ writing
     def put(self, kv: list[tuple[torch.Tensor, torch.Tensor]], *, start: int, rel_pos: torch.Tensor,
             summary: torch.Tensor, counts: torch.Tensor | None = None, tokens: int | None = None) -> BlockInfo:
-        """Archive one block: per-layer pre-RoPE ``(keys, values)`` ``[H, n, D]``, positions relative to the
-        block ``[n]`` / ``[3, n]``, summary ``[L, H, D]``, optional merge counts ``[n]``."""
+        """Archive one block: per-layer pre-RoPE ``(keys, values)`` ``[H, n, D]`` (``None``: not stored for that
+        layer), positions relative to the block ``[n]`` / ``[3, n]``, summary ``[L, H, D]``, optional merge counts
+        ``[n]``."""
         block_id = self._next_id
         self._next_id += 1
         extra = {"pos": rel_pos.tolist()}
         if counts is not None:
             extra["counts"] = counts.tolist()
-        for layer, (k, v) in enumerate(kv):
-            self.kv.put_chunk(self.key(block_id, layer), [(k, v)], start=start, extra=extra)
-        n = kv[0][0].shape[1]
+        for layer, pair in enumerate(kv):
+            if pair is not None:  # None: a layer that never retrieves (local sliding window)
+                self.kv.put_chunk(self.key(block_id, layer), [pair], start=start, extra=extra)
+        n = next(pair for pair in kv if pair is not None)[0].shape[1]
         extent = int(rel_pos.max()) + 1 if rel_pos.numel() else 0
         info = BlockInfo(block_id, start, n, tokens if tokens is not None else n, extent)
         self.blocks.append(info)

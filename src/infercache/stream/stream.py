@@ -51,6 +51,8 @@ class Stream:
         self.cache = StreamCache(model.config, self.rotary)
         self.closed = False
         self.policy.setup(budget, self)  # last: ReKV opens its store here
+        if self.cache.sliding_window and self.policy.local_window_ok(self.cache.sliding_window):
+            self.cache.make_local(self.policy.sinks)  # sliding layers hold their sinks and window, not the budget
         self.chunk_size = chunk_size or max(1, min(512, (budget - self.policy.sinks) // 4))
         self.seen = 0  # tokens fed so far (stream indices)
         self.chunks = 0
@@ -119,6 +121,7 @@ class Stream:
         new = Entries.new(self.seen, layout(n, self.rotary.dims, grid) + next_position(self.cache.entries.pos),
                           mod, self.chunks)
         self._forward(new, ids, embeds)
+        self.cache.trim()  # local (sliding-window) layers keep only what their next token can see
         self.seen += n
         self.chunks += 1
 
@@ -194,6 +197,7 @@ class Stream:
             if keep_answer:
                 self.seen = seen + (self.cache.held - mark)
                 self.chunks += 1
+                self.cache.trim()
             else:
                 self.cache.truncate(mark)
         return self.tokenizer.decode(answer, skip_special_tokens=True).strip()

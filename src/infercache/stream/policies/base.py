@@ -2,7 +2,8 @@
 
 A policy works on :class:`~infercache.stream.entries.Entries` (stream order, modality, chunk) and returns the
 indices to keep; the stream then evicts them from every layer and re-positions the survivors. ``budget`` is the
-number of KV entries held per layer (every layer holds the same entries); between calls the cache never holds more.
+number of KV entries held per layer (every layer holds the same entries, but local sliding-window layers, which
+hold a subset: :attr:`StreamPolicy.evicts_oldest`); between calls the cache never holds more.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ class StreamPolicy:
                 "raise the budget or lower sinks="
             )
         self.budget = budget
+
+    #: Evictions keep the first ``sinks`` entries and drop only the oldest of the others (StreamingLLM, ReKV). Then a
+    #: sliding-window layer may hold just the sinks and its window: no eviction can bring an older entry back into
+    #: its window (StreamingVLM's typed cuts can, so its sliding layers hold everything).
+    evicts_oldest: ClassVar[bool] = False
+
+    def local_window_ok(self, window: int) -> bool:
+        """Whether sliding-window layers of ``window`` may hold only the sinks and the newest ``window - 1`` entries
+        with outputs unchanged (and memory saved)."""
+        return self.evicts_oldest and window - 1 < self.budget - self.sinks
 
     def max_chunk(self, modality: int) -> int:
         """The most new tokens of ``modality`` one forward may bring (the stream splits text feeds to fit)."""

@@ -44,6 +44,7 @@ class ReKV(StreamPolicy):
     merge_frames: bool = False
     merge_threshold: float = 0.95
     name: ClassVar[str] = "rekv"
+    evicts_oldest: ClassVar[bool] = True
     archive: BlockArchive | None = field(default=None, init=False, repr=False)
 
     def setup(self, budget: int, stream: "Stream") -> None:
@@ -63,6 +64,11 @@ class ReKV(StreamPolicy):
         self.merged_tokens = 0
         self.last_fetched: dict[int, list[int]] = {}  # layer -> stream index of each block the last question used
 
+    def local_window_ok(self, window: int) -> bool:
+        # a question puts the retrieved blocks right after the sinks: a sliding layer must not reach them (it does
+        # not hold the offloaded blocks); after any eviction at least budget - block_size + 1 entries are held
+        return super().local_window_ok(window) and window - 1 <= self.budget - self.sinks - self.block_size
+
     # ------------------------------------------------------------------ feeding
     def select(self, entries: Entries, incoming: int, modality: int) -> torch.Tensor | None:
         n = len(entries)
@@ -78,14 +84,19 @@ class ReKV(StreamPolicy):
         entries = stream.cache.entries
         for start in range(0, drop.numel(), self.block_size):
             idx = drop[start : start + self.block_size]
-            kv = stream.cache.kv(idx)
+            kv = stream.cache.kv(idx)  # None for local (sliding-window) layers: nothing to offload there
+            stored = [pair for pair in kv if pair is not None]
+            if not stored:
+                return
             block = entries.take(idx)
             rel = reposition(block.index, block.pos)
-            summary = torch.stack([k.float().mean(1) for k, _ in kv])  # [L, H, D], over the original tokens
+            means = [None if pair is None else pair[0].float().mean(1) for pair in kv]
+            zero = torch.zeros_like(stored[0][0][:, 0], dtype=torch.float32)
+            summary = torch.stack([zero if m is None else m for m in means])  # [L, H, D], over the original tokens
             counts = None
             vision = block.modality == VISION
             if self.merge_frames and bool(vision.any()):
-                groups = merge_groups(kv[0][0], vision, self.merge_threshold)
+                groups = merge_groups(stored[0][0], vision, self.merge_threshold)
                 if int(groups.max()) + 1 < idx.numel():
                     kv, counts, first = merge_block(kv, groups)
                     rel = rel[..., first]

@@ -24,6 +24,7 @@ class StreamingLLM(StreamPolicy):
 
     sinks: int = 4
     name: ClassVar[str] = "streaming_llm"
+    evicts_oldest: ClassVar[bool] = True
 
     def select(self, entries: Entries, incoming: int, modality: int) -> torch.Tensor | None:
         n = len(entries)
