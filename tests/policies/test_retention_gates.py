@@ -213,3 +213,25 @@ def test_shipped_stories260k_gates_beat_untrained_gates_at_a_tenth():
         untrained.append(fidelity_on_ids(model, context, cont, "retention_gates", 0.1, gates="untrained",
                                          reference=res["reference"])["kl"])
     assert sum(trained) < 0.5 * sum(untrained), (trained, untrained)
+
+
+def test_compress_every_buffers_per_head_on_average(tiny):
+    """With ``compress_every=8`` the global total may run up to 8 entries per (layer, KV head) over, then is cut
+    back to the total (the authors' buffer); with 1 it never runs over."""
+    model, _ = tiny("llama")
+    gates = random_gates(model, seed=6)
+    ids = prompt_ids(64, 6)
+    for every, slack in ((1, 0), (8, 8)):
+        cache = infercache.compressed_cache(model, "retention_gates", 16, gates=gates, compress_every=every)
+        totals = []
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True)
+            tok = ids[:, -1:]
+            for _ in range(20):
+                tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                totals.append(sum(int(t.sum()) for t in cache.lengths() if t is not None))
+        heads = model.config.num_hidden_layers * model.config.num_key_value_heads
+        budget_total = 16 * heads
+        assert max(totals) <= budget_total + slack * heads, (every, totals)
+        assert min(totals) == budget_total
+        assert (max(totals) > budget_total) == (every > 1)

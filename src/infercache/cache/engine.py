@@ -260,8 +260,10 @@ class CompressionEngine:
         layers = [layer for layer in self._layers() if layer.store is not None and layer.capacity is not None]
         if not layers:
             return
-        over = sum((layer.store.lengths - layer.capacity).sum(-1) for layer in layers)  # [B]
-        if int(over.max()) >= self.compress_every or (steps_since >= self.compress_every and int(over.max()) > 0):
+        # entries over the total, per (layer, KV head) on average: comparable to compress_every as for one head
+        heads = sum(layer.capacity.shape[1] for layer in layers)
+        over = sum((layer.store.lengths - layer.capacity).sum(-1) for layer in layers).float() / heads  # [B]
+        if float(over.max()) >= self.compress_every or (steps_since >= self.compress_every and float(over.max()) > 0):
             ctxs = [self._decode_context(layer, *layer.last_call) for layer in layers]
             scores = [self._scores(ctx, layer.capacity) for ctx, layer in zip(ctxs, layers)]
             totals = sum(layer.capacity.sum(-1) for layer in layers)
