@@ -5,6 +5,7 @@ from .kv_cache import ARCacheConfig, ARVideoKVCache, Segment, max_cache_tokens
 from .model import CausalVideoDiT, generate_video, rope
 from .moving_digits import MovingDigits, moving_digits
 from .pretrained import load_video_dit, save_video_grid, video_quality
+from .wan import WanARContext, WanARKVAttnProcessor, wan_forward_block_causal, wan_generate_chunk, wan_generate_video
 
 __all__ = [
     "ARCacheConfig",
@@ -19,4 +20,9 @@ __all__ = [
     "rope",
     "save_video_grid",
     "video_quality",
+    "WanARContext",
+    "WanARKVAttnProcessor",
+    "wan_forward_block_causal",
+    "wan_generate_chunk",
+    "wan_generate_video",
 ]
