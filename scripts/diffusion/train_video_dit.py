@@ -104,11 +104,29 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", type=Path, default=None, help="start from this checkpoint folder (a second stage)")
+    p.add_argument(
+        "--init",
+        "--resume",
+        dest="init",
+        type=Path,
+        nargs="?",
+        const=VIDEO_CHECKPOINT_DIR,
+        default=None,
+        help="start from this checkpoint folder (a further stage; its training record is chained); "
+        "`--resume` alone resumes from the shipped checkpoint. Weights only: the optimizer and schedule restart",
+    )
+    p.add_argument(
+        "--data-offset",
+        type=int,
+        default=0,
+        help="clip seeds are 10000 + data_offset + step (0: the clips of stages 1-3; a new value gives new clips)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=VIDEO_CHECKPOINT_DIR)
     p.add_argument("--grid", type=Path, default=HERE / "video-dit-moving-digits-samples.png")
     args = p.parse_args()
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     arch = VIDEO_DIT_CONFIG
     chunk = VIDEO_SAMPLING["chunk_frames"]
@@ -140,7 +158,7 @@ def main() -> None:
     step = 0
     for step in range(1, args.steps + 1):
         x0 = moving_digits(
-            args.batch_size, num_frames=args.frames, size=arch["frame_size"], seed=10_000 + step
+            args.batch_size, num_frames=args.frames, size=arch["frame_size"], seed=10_000 + args.data_offset + step
         ).clips
         loss = teacher_forcing_loss(model, x0, chunk, gen)
         opt.zero_grad(set_to_none=True)
@@ -200,7 +218,9 @@ def main() -> None:
             "seed": args.seed,
             "minutes": round(minutes, 2),
             "final_loss": round(running, 4),
-            "threads": 1,
+            "threads": args.threads,
+            "data_offset": args.data_offset,
+            "init": None if args.init is None else str(args.init.name),
             "previous_stage": previous,
         },
         "eval": {"num_clips": n_eval, "full_history_cache": q},
