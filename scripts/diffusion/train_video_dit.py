@@ -31,7 +31,7 @@ import torch
 torch.set_num_threads(1)
 
 from infercache.diffusion.video import ARCacheConfig, CausalVideoDiT, generate_video, moving_digits  # noqa: E402
-from infercache.diffusion.video.model import CausalVideoBlock, _masked  # noqa: E402
+from infercache.diffusion.video.model import _masked  # noqa: E402
 from infercache.diffusion.video.pretrained import (  # noqa: E402
     VIDEO_CHECKPOINT_DIR,
     VIDEO_DIT_CONFIG,
@@ -41,22 +41,6 @@ from infercache.diffusion.video.pretrained import (  # noqa: E402
 )
 
 HERE = Path(__file__).resolve().parent
-
-
-def block_chunk_cond(
-    blk: CausalVideoBlock, h: torch.Tensor, c: torch.Tensor, tokens_per_cond: int, attend
-) -> torch.Tensor:
-    """``blk.forward`` with one conditioning vector per group of ``tokens_per_cond`` tokens (``c``: (B, G, D)); the
-    adaLN projection runs once per group, not per token (a third of the block's work at this size)."""
-    mods = blk.ada(c).repeat_interleave(tokens_per_cond, dim=1)
-    shift1, scale1, gate1, shift2, scale2, gate2 = mods.chunk(6, dim=-1)
-    x = blk.norm1(h) * (1 + scale1) + shift1
-    b, n, dim = x.shape
-    q, k, v = blk.qkv(x).reshape(b, n, 3, blk.heads, dim // blk.heads).permute(2, 0, 3, 1, 4)
-    a = attend(q, k, v).transpose(1, 2).reshape(b, n, dim)
-    h = h + gate1 * blk.proj(a)
-    x = blk.norm2(h) * (1 + scale2) + shift2
-    return h + gate2 * blk.mlp(x)
 
 
 def teacher_forcing_loss(
@@ -82,7 +66,7 @@ def teacher_forcing_loss(
     mask = (~q_n & ~k_n & (k_c <= q_c)) | (q_n & ~k_n & (k_c < q_c)) | (q_n & k_n & (k_c == q_c))
     pos = (torch.arange(n) // per).float().repeat(2)
     for blk in model.blocks:
-        h = block_chunk_cond(blk, h, chunk_cond, tok_chunk, lambda q, k, v: _masked(q, k, v, pos, mask))
+        h = blk(h, chunk_cond, lambda q, k, v: _masked(q, k, v, pos, mask), tokens_per_cond=tok_chunk)
     hn = h[:, n:]
     pred = torch.cat(
         [

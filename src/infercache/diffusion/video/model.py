@@ -56,8 +56,13 @@ class CausalVideoBlock(nn.Module):
         h: torch.Tensor,
         c: torch.Tensor,
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        tokens_per_cond: int | None = None,
     ) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).unsqueeze(1).chunk(6, dim=-1)
+        """``c``: one conditioning vector per sample ``(B, D)``, or one per group of ``tokens_per_cond`` tokens
+        ``(B, G, D)`` (training: one noise level per chunk; the adaLN projection then runs once per group)."""
+        mods = self.ada(c)
+        mods = mods.unsqueeze(1) if tokens_per_cond is None else mods.repeat_interleave(tokens_per_cond, dim=1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods.chunk(6, dim=-1)
         x = self.norm1(h) * (1 + scale1) + shift1
         b, n, dim = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
