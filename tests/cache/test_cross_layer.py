@@ -12,6 +12,7 @@ from infercache.cache.cross_layer import (
     resolve_pattern,
     sharing_quality,
 )
+from infercache.models.weights import stories260k_available
 from infercache.training import RoutingCache, StochasticKVRouting
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"]
@@ -209,6 +210,7 @@ def test_routing_options_and_cache_validation(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not stories260k_available(), reason="the optional shared/models/stories260K folder is absent")
 def test_stories260k_sharing_degrades_without_training():
     from infercache.models import load
 

@@ -79,7 +79,11 @@ def gemma3_gguf(work_dir: Path) -> Path:
 
 
 def stories260k_available() -> bool:
-    """Whether the optional stories260K folder can be found (see :func:`stories260k_dir`)."""
+    """Whether stories260k can be loaded: already converted, or its optional folder found (:func:`stories260k_dir`)."""
+    from . import is_prepared
+
+    if is_prepared("stories260k"):
+        return True
     try:
         stories260k_dir()
         return True
