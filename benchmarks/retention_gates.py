@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from infercache.bench.runner import fidelity_on_ids
 from infercache.models import load
-from infercache.training.retention_gates import GateTrainingConfig, training_sequences
+from infercache.training.retention_gates import training_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = "retention_gates,retention_gates:untrained,snapkv,h2o,tova,streaming_llm"
@@ -56,12 +56,6 @@ def method_options(spec: str, gates: dict[str, str]) -> tuple[str, dict]:
     return name, ({"gates": gates[variant]} if variant in gates else {})
 
 
-def eval_sequences(model, tokenizer, args) -> torch.Tensor:
-    config = GateTrainingConfig(seq_len=args.context + args.cont, data=args.data, num_sequences=args.samples,
-                                memory=1, seed=args.seed)
-    return training_sequences(model, tokenizer, config, seed=args.seed)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="stories260k")
@@ -80,7 +74,8 @@ def main() -> None:
     model, tokenizer = load(args.model)
     budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
     methods = args.methods.split(",")
-    seqs = eval_sequences(model, tokenizer, args)
+    seqs = training_sequences(model, tokenizer, data=args.data, n=args.samples, length=args.context + args.cont,
+                              seed=args.seed)
     rows, raw = [], []
     start = time.perf_counter()
     jobs = [(i, m, b) for i in range(seqs.shape[0]) for b in budgets for m in methods]

@@ -18,7 +18,7 @@ import torch
 
 from .cache.attention import ATTN_NAME, register
 from .cache.budget import Budget
-from .cache.compressed_cache import CompressedCache
+from .cache.compressed_cache import CompressedCache, full_attention_layers
 from .cache.engine import CompressionEngine
 from .policies import POLICIES, Policy, get_policy
 
@@ -117,16 +117,11 @@ def compressed_cache(model, method: str | Policy = "snapkv", budget: float | int
     engine_opts = {k: options.pop(k) for k in list(options) if k in ENGINE_OPTIONS}
     policy = get_policy(method, **options)
     parsed = Budget.parse(budget)
-    text_config = model.config.get_text_config(decoder=True)
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    layer_types, _ = get_layer_types_and_kwargs(text_config)
-    compressed = [i for i, t in enumerate(layer_types) if t == "full_attention"]
     engine = CompressionEngine(
         policy,
         parsed,
-        num_layers=len(layer_types),
-        compressed_layers=compressed,
+        num_layers=model.config.get_text_config(decoder=True).num_hidden_layers,
+        compressed_layers=full_attention_layers(model.config),
         rotary=_rotary(model),
         **engine_opts,
     )

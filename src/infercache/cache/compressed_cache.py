@@ -17,6 +17,12 @@ from .attention import mark_update
 from .engine import CompressionEngine
 
 
+def full_attention_layers(config) -> list[int]:
+    """Indices of the full-attention layers of a model config: the layers a compressed cache owns."""
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return [i for i, t in enumerate(layer_types) if t == "full_attention"]
+
+
 class SeenTokensLayer(CacheLayerMixin):
     """A layer that reports the tokens it has *seen* (not the entries it holds) to transformers, so masks and
     ``cache_position`` continue from the true position after eviction, checkpointing or sharing."""
@@ -77,7 +83,8 @@ class CompressedLayer(SeenTokensLayer):
             self.pending = (key_states, value_states)
             mark_update(self, key_states)
             return key_states, value_states
-        self.store.append({"k": key_states, "v": value_states})
+        # per-entry statistics of the new tokens (e.g. retention gates' log beta) go in with their K/V
+        self.store.append({"k": key_states, "v": value_states, **self.engine.new_entry_stats(self, q)})
         names = ("k", "v", "bias") if "bias" in self.store.pools else ("k", "v")
         chans, _ = self.store.gather(names)
         self.last_old = self.store.lengths - q

@@ -90,7 +90,7 @@ class CompressionEngine:
 
     # ------------------------------------------------------------------ prefill
     def _attention_input(self, layer):
-        hidden, layer.attn_input = getattr(layer, "attn_input", None), None
+        hidden, layer.attn_input = layer.attn_input, None
         if hidden is None and self.policy.needs_attention_input:
             raise RuntimeError(
                 f"infercache: {self.policy.name} needs each layer's attention input, but none was captured for layer "
@@ -115,9 +115,8 @@ class CompressionEngine:
         positions = position_ids if position_ids is not None else torch.arange(length, device=keys.device)[None]
         positions = positions.expand(b, length)
         ctx = self._context(layer, keys, values, valid, query, scaling, "prefill", module, positions)
-        hidden = self._attention_input(layer)
         if policy.entry_channels:
-            entry = policy.entry_stats(ctx, hidden, positions)
+            entry = policy.entry_stats(layer.layer_idx, self._attention_input(layer), positions)
             channels.update(entry)
             ctx.stats.update(entry)
             ctx.stats["seen"] = positions[:, -1] + 1
@@ -191,16 +190,18 @@ class CompressionEngine:
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
+    def new_entry_stats(self, layer, q: int) -> dict:
+        """Per-entry statistics of ``q`` tokens about to be appended to ``layer`` (``{}`` for most policies)."""
+        if not self.policy.entry_channels:
+            return {}
+        positions = layer.next_position + torch.arange(q, device=layer.next_position.device)[None]
+        return self.policy.entry_stats(layer.layer_idx, self._attention_input(layer), positions)
+
+    @torch.no_grad()
     def after_forward(self, layer, module, query, keys, scaling) -> None:
         """Bookkeeping after attention over the ragged cache: statistics, query buffer, eviction."""
         policy = self.policy
         q = query.shape[2]
-        hidden = self._attention_input(layer)
-        if policy.entry_channels and layer.store is not None:
-            new_positions = layer.next_position + torch.arange(q, device=layer.next_position.device)[None]
-            ctx = self._context(layer, keys, keys, None, query, scaling, "decode", module)
-            entry = policy.entry_stats(ctx, hidden, new_positions)
-            layer.store.write_tail(entry)
         layer.next_position = layer.next_position + q
         if layer.capacity is None:
             return
@@ -257,7 +258,8 @@ class CompressionEngine:
         layer.store.keep(keep, counts)
 
     def _evict_global_if_due(self, steps_since: int) -> None:
-        layers = [layer for layer in self._layers() if layer.store is not None and layer.capacity is not None]
+        layers = [self.layers[i] for i in self.compressed_layers]
+        layers = [layer for layer in layers if layer.store is not None and layer.capacity is not None]
         if not layers:
             return
         # entries over the total, per (layer, KV head) on average: comparable to compress_every as for one head
@@ -273,9 +275,6 @@ class CompressionEngine:
                 layer.store.keep(keep, counts)
                 layer.capacity = counts.clone()
                 layer.steps_since = 0
-
-    def _layers(self):
-        return [self.layers[i] for i in self.compressed_layers]
 
 
 def global_capacities(scores: list[torch.Tensor], valids: list[torch.Tensor], totals: torch.Tensor) -> list[torch.Tensor]:

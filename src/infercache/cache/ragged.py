@@ -141,23 +141,6 @@ class RaggedStore:
             self.pools[name][slots.reshape(-1).to(self.pools[name].device)] = rows.to(self.pools[name].dtype)
         self.lengths = self.lengths + q
 
-    def write_tail(self, channels: dict[str, torch.Tensor]) -> None:
-        """Overwrite the last ``q`` entries of every head with ``[B, H, q, ...]`` data: per-entry statistics of
-        the tokens that :meth:`append` just added (which left those channels at zero)."""
-        first = next(iter(channels.values()))
-        q = first.shape[2]
-        lengths = self.lengths.reshape(-1)
-        if int(lengths.min()) < q:
-            raise ValueError(f"write_tail: a head holds fewer than {q} entries")
-        p = self.page_size
-        t = lengths[:, None] - q + torch.arange(q)[None, :]
-        slots = (self.page_table.gather(1, t // p) * p + t % p).reshape(-1)
-        for name, data in channels.items():
-            if name not in self.pools:
-                raise KeyError(f"unknown channel {name!r}")
-            rows = data.reshape(self.batch * self.heads * q, *data.shape[3:])
-            self.pools[name][slots.to(self.pools[name].device)] = rows.to(self.pools[name].dtype)
-
     def keep(self, keep: torch.Tensor, counts: torch.Tensor) -> None:
         """Keep entries ``keep[b, h, :counts[b, h]]`` (indices into each head's current entries), compacting."""
         slots, _ = self.slot_index()

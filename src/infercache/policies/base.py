@@ -118,7 +118,7 @@ class Policy:
     needs_attention_input: bool = False  # the engine hands entry_stats each new token's attention input
     entry_channels: tuple[str, ...] = ()  # per-entry statistics kept next to K/V (names of entry_stats' keys)
 
-    def entry_stats(self, ctx: ScoreContext, hidden: torch.Tensor | None, positions: torch.Tensor) -> dict:
+    def entry_stats(self, layer_idx: int, hidden: torch.Tensor | None, positions: torch.Tensor) -> dict:
         """Per-entry statistics of new tokens, ``{name: [B, Hkv, T]}``, stored with them and evicted with them;
         they reach :meth:`score` through ``ctx.stats``. ``hidden`` is the attention input ``[B, T, d]`` (when
         ``needs_attention_input``), ``positions`` ``[B, T]``."""

@@ -27,6 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .._home import infercache_home
+from ..cache.compressed_cache import full_attention_layers
 
 PROFILE_ATTN = "infercache_profile"
 PROFILE_FILE = "razor_heads.json"
@@ -76,13 +77,6 @@ class _Recorder:
         return echo / max(pairs, 1), induction / max(pairs, 1)
 
 
-def _full_layers(model) -> list[int]:
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
-    return [i for i, t in enumerate(types) if t == "full_attention"]
-
-
 def model_fingerprint(model) -> str:
     """A stable id for a model's weights and shapes (config + a few parameter tensors)."""
     config = json.loads(model.config.to_json_string(use_diff=False))
@@ -118,7 +112,7 @@ def profile_heads(model, *, segment: int | None = None, repeats: int = 4, induct
     prefix = [bos] if isinstance(bos, int) else []
     ids = torch.tensor(prefix + block.repeat(repeats).tolist())[None].to(next(model.parameters()).device)
     recorder = _Recorder(segment, len(prefix))
-    recorder.full_layers = set(_full_layers(model))
+    recorder.full_layers = set(full_attention_layers(model.config))
     AttentionInterface.register(PROFILE_ATTN, recorder)
     AttentionMaskInterface.register(PROFILE_ATTN, sdpa_mask)
     previous = model.config._attn_implementation

@@ -27,6 +27,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .._home import infercache_home
+from ..cache.compressed_cache import full_attention_layers
 
 GATES_FILE = "retention_gates.safetensors"
 FORMAT = 1
@@ -55,7 +56,7 @@ class RetentionGateSet(nn.Module):
     @classmethod
     def for_model(cls, model, **kwargs) -> "RetentionGateSet":
         config = model.config.get_text_config(decoder=True)
-        gates = cls(config.hidden_size, config.num_key_value_heads, full_attention_layers(model),
+        gates = cls(config.hidden_size, config.num_key_value_heads, full_attention_layers(model.config),
                     activation=getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu"),
                     **kwargs)
         param = next(model.parameters())
@@ -126,13 +127,6 @@ class RetentionGateSet(nn.Module):
         return gates.eval()
 
 
-def full_attention_layers(model) -> list[int]:
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
-    return [i for i, t in enumerate(types) if t == "full_attention"]
-
-
 def default_gates_path(model) -> Path:
     """Next to the converted model when it has a folder, else ``$INFERCACHE_HOME/gates/<fingerprint>``."""
     from .razor_heads import model_fingerprint
@@ -174,6 +168,6 @@ def load_gates_for(model, gates=None) -> RetentionGateSet:
     loaded = RetentionGateSet.load(path, fingerprint=fingerprint)
     config = model.config.get_text_config(decoder=True)
     if loaded.hidden_size != config.hidden_size or loaded.num_kv_heads != config.num_key_value_heads or \
-            loaded.layers != full_attention_layers(model):
+            loaded.layers != full_attention_layers(model.config):
         raise ValueError(f"{path}: gate shapes {loaded.meta()} do not fit this model")
     return loaded.to(param.device)

@@ -48,12 +48,12 @@ class RetentionGates(Policy):
 
         self._modules = load_gates_for(model, self.gates)
 
-    def entry_stats(self, ctx: ScoreContext, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
+    def entry_stats(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
         """Per-entry channels of new tokens: ``log_beta`` and ``position``, each ``[B, Hkv, T]`` float32."""
         if self._modules is None:
             raise RuntimeError("retention_gates: the policy was not prepared with a model")
         with torch.no_grad():
-            log_beta = self._modules.log_beta(ctx.layer_idx, hidden)
+            log_beta = self._modules.log_beta(layer_idx, hidden)
         b, hkv, t = log_beta.shape
         pos = positions.to(log_beta.device).float()[:, None, -t:].expand(b, hkv, t)
         return {"log_beta": log_beta, "position": pos.contiguous()}

@@ -163,13 +163,11 @@ def _losses(model, gated: GatedForward, ids: torch.Tensor, teacher_logp: torch.T
 # ---------------------------------------------------------------------------------------------- data
 
 
-def training_sequences(model, tokenizer, config: GateTrainingConfig, *, seed: int | None = None,
+def training_sequences(model, tokenizer, *, data: str, n: int, length: int, seed: int,
                        progress: bool = True) -> torch.Tensor:
-    """``[N, seq_len]`` token ids: the model's own samples (``data="self"``) or shipped passages."""
-    seed = config.seed if seed is None else seed
+    """``[n, length]`` token ids: the model's own samples (``data="self"``) or shipped passages (``"haystack"``)."""
     device = next(model.parameters()).device
-    n, length = config.num_sequences, config.seq_len
-    if config.data == "haystack":
+    if data == "haystack":
         from ..bench.metrics import fidelity_text
 
         rows = []
@@ -220,7 +218,8 @@ def train_gates(model, tokenizer, config: GateTrainingConfig | None = None, *, d
     gates = gates or RetentionGateSet.for_model(model, shared_projection=config.shared_projection)
     gates.train()
     if data is None:
-        data = training_sequences(model, tokenizer, config, progress=progress)
+        data = training_sequences(model, tokenizer, data=config.data, n=config.num_sequences, length=config.seq_len,
+                                  seed=config.seed, progress=progress)
     if data.shape[1] < config.seq_len:
         raise ValueError(f"training sequences have {data.shape[1]} tokens, seq_len is {config.seq_len}")
     optimizer = torch.optim.AdamW(gates.parameters(), lr=config.lr, weight_decay=0.0)
