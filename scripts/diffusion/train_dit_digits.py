@@ -30,6 +30,7 @@ from infercache.diffusion.models import (  # noqa: E402
     sample,
 )
 from infercache.diffusion.quality import digit_accuracy  # noqa: E402
+from infercache.diffusion.training import train_step  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -99,16 +100,8 @@ def main() -> None:
         xt = (1 - s) * x0 + s * noise
         pred = model(xt, timestep=sigma * 1000.0, class_labels=y).sample  # 10% label dropout is built into DiT
         loss = torch.nn.functional.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        value = train_step(loss, model, ema, opt, sched, step, args.ema)
+        running = value if running is None else 0.98 * running + 0.02 * value
         elapsed = time.time() - t0
         if step % 500 == 0:
             print(

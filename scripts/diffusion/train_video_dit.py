@@ -32,6 +32,7 @@ torch.set_num_threads(1)
 
 from infercache.diffusion.video import ARCacheConfig, CausalVideoDiT, generate_video, moving_digits  # noqa: E402
 from infercache.diffusion.video.model import _masked  # noqa: E402
+from infercache.diffusion.training import train_step  # noqa: E402
 from infercache.diffusion.video.pretrained import (  # noqa: E402
     VIDEO_CHECKPOINT_DIR,
     VIDEO_DIT_CONFIG,
@@ -145,16 +146,8 @@ def main() -> None:
             args.batch_size, num_frames=args.frames, size=arch["frame_size"], seed=10_000 + args.data_offset + step
         ).clips
         loss = teacher_forcing_loss(model, x0, chunk, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        value = train_step(loss, model, ema, opt, sched, step, args.ema)
+        running = value if running is None else 0.98 * running + 0.02 * value
         elapsed = time.time() - t0
         if step % 100 == 0:
             print(
